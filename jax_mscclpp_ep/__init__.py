@@ -1,1 +1,25 @@
-"""jax_mscclpp_ep."""
+"""jax_mscclpp_ep: DeepEP-style low-latency MoE dispatch/combine for JAX.
+
+dispatch / combine are JAX primitives that run inside jit and shard_map: on
+GPUs they lower to CUDA kernels (XLA FFI custom calls) over an MSCCL++-style
+channel layer, on CPUs to a pure-JAX reference with the same contract.
+"""
+
+from . import config, reference
+from ._native import cuda_enabled, native_version
+from .api import DispatchHandle, DispatchResult, combine, dispatch
+from .buffer import Buffer, BufferClosedError
+from .config import EPConfig, size_hint
+from .primitives import combine_p, dispatch_p
+from .reference import dequantize, fp8_cast, unpack_layout
+
+__version__ = "0.1.0"
+
+if cuda_enabled():
+    from . import gpu  # registers the FFI targets and CUDA lowerings
+
+__all__ = [
+    "Buffer", "BufferClosedError", "DispatchHandle", "DispatchResult", "EPConfig", "combine",
+    "combine_p", "config", "cuda_enabled", "dequantize", "dispatch", "dispatch_p", "fp8_cast",
+    "native_version", "reference", "size_hint", "unpack_layout",
+]

@@ -1,0 +1,97 @@
+"""The persistent communication buffer: one per EP layer, created once per process.
+
+On CPU devices a Buffer is only a handle on its config (the reference needs
+no device state). On GPUs it owns the registered communication buffer and
+channels of every local device (``gpu.attach``), which the FFI handlers find
+by the buffer's id and their device ordinal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import jax
+
+from . import config as cfg
+
+_ids = itertools.count(1)
+_ids_lock = threading.Lock()
+
+
+class BufferClosedError(RuntimeError):
+    pass
+
+
+class Buffer:
+    """Persistent state for dispatch/combine on one EP axis.
+
+    config: EPConfig (E, M, H). mesh/axis_name: the EP mesh axis the calls run
+    over (its size R must divide E). devices: the devices of the EP group
+    (default: the mesh's devices, else all devices). force_port: reach every
+    peer through port channels (proxy), as over RDMA. timeout_s: how long a
+    device-side wait may last before the call fails.
+    """
+
+    def __init__(self, config: cfg.EPConfig, *, mesh=None, axis_name: str = "ep", devices=None,
+                 force_port: bool | None = None, timeout_s: float | None = None):
+        if not isinstance(config, cfg.EPConfig):
+            raise TypeError(f"config must be an EPConfig, got {type(config).__name__}")
+        with _ids_lock:
+            self.id = next(_ids)
+        self.config = config
+        self.axis_name = axis_name
+        self.mesh = mesh
+        if mesh is not None:
+            if axis_name not in mesh.shape:
+                raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+            self.num_ranks = int(mesh.shape[axis_name])
+            devices = list(mesh.devices.flat) if devices is None else list(devices)
+        else:
+            devices = list(jax.devices()) if devices is None else list(devices)
+            self.num_ranks = len(devices)
+        cfg.check_num_ranks(config, self.num_ranks)
+        self.devices = devices
+        self.force_port = force_port
+        self.timeout_s = timeout_s
+        self._closed = False
+        self._device_state = None
+        if any(d.platform == "gpu" for d in devices):
+            from . import gpu  # needs the CUDA build
+            self._device_state = gpu.attach(self, devices, self.num_ranks)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def size_hint(self) -> int:
+        return self.config.size_hint(self.num_ranks)
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise BufferClosedError(f"Buffer {self.id} was closed; create a new Buffer")
+
+    def check(self) -> None:
+        """Raise if a device-side error (e.g. a peer timeout) was recorded."""
+        self.check_open()
+        if self._device_state is not None:
+            self._device_state.check()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._device_state is not None:
+            state, self._device_state = self._device_state, None
+            state.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        c = self.config
+        return (f"Buffer(id={self.id}, E={c.num_experts}, M={c.max_tokens_per_rank}, H={c.hidden}, "
+                f"R={self.num_ranks}, axis={self.axis_name!r}{', closed' if self._closed else ''})")

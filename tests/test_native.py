@@ -1,0 +1,29 @@
+"""The compiled module: present, reporting its build, agreeing with the Python layout."""
+
+import os
+
+import pytest
+
+import jax_mscclpp_ep as ep
+from jax_mscclpp_ep import _native
+
+
+def test_import_and_version():
+    assert ep.__version__ == "0.1.0"
+    if _native._ep is None:
+        pytest.skip("installed without the native module")
+    assert ep.native_version() == ep.__version__
+
+
+@pytest.mark.skipif(os.environ.get("JMEP_EXPECT_CUDA") != "1",
+                    reason="set JMEP_EXPECT_CUDA=1 where the CUDA part must be compiled in (CI)")
+def test_cuda_part_compiled():
+    assert _native._ep is not None, "the native module did not build"
+    assert ep.cuda_enabled(), "the native module was built without its CUDA part"
+
+
+def test_size_hint_matches_native_layout():
+    if not ep.cuda_enabled() or not hasattr(_native._ep, "ll_size_hint"):
+        pytest.skip("no CUDA build with the LL layout")
+    for m, h, r, e in [(128, 7168, 2, 256), (64, 4096, 8, 64), (1, 128, 1, 1), (1024, 8192, 4, 1024)]:
+        assert _native._ep.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
