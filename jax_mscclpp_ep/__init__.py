@@ -15,7 +15,9 @@ from .reference import dequantize, fp8_cast, unpack_layout
 
 __version__ = "0.1.0"
 
-if cuda_enabled():
+import importlib.util as _ilu
+
+if cuda_enabled() and _ilu.find_spec(__name__ + ".gpu") is not None:
     from . import gpu  # registers the FFI targets and CUDA lowerings
 
 __all__ = [
