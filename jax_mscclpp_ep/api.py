@@ -1,4 +1,8 @@
-"""Public dispatch / combine: argument checks at trace time, then the primitives."""
+"""Public dispatch / combine: argument checks at trace time, then the primitives.
+
+Both are differentiable (``autodiff.py``): jax.grad / value_and_grad /
+checkpoint work through them under jit and shard_map.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from jax import lax
 
 from . import config as cfg
 from .buffer import Buffer
+from .autodiff import dispatch_dequantized  # also registers the derivative rules
 from .primitives import combine_p, dispatch_p
 
 
@@ -78,7 +83,7 @@ def _order_from(after) -> jax.Array:
 
 def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = BUFFER_AXIS,
              use_fp8: bool = False, round_scale: bool = False, stats=None,
-             after=None) -> DispatchResult:
+             after=None, dequantize: bool = False) -> DispatchResult:
     """Send each token to the ranks holding its top-k experts (the LL contract).
 
     x: [T, H] bf16 (T <= M); topk_idx: [T, K] int32/int64, -1 = no expert.
@@ -87,6 +92,11 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     axis_name=None runs a single rank without collectives.
     stats: optional int32 [LE] running counter; the result's ``stats`` is
     stats + recv_count. after: a handle/result/order token this call must follow.
+    dequantize: with use_fp8, return recv_x already dequantised to bf16 (recv_scales
+    are still returned); the form to differentiate, its backward treating the fp8
+    cast as identity.
+    Differentiable w.r.t. x: the backward pass brings each row's cotangent back to
+    its token and sums over the token's experts.
     """
     config, axis_name, buffer_id = _resolve(buffer, axis_name)
     num_ranks = _num_ranks(axis_name)
@@ -96,7 +106,10 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
     le = config.num_experts // num_ranks
     stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
-    outs = dispatch_p.bind(
+    if dequantize and not use_fp8:
+        raise ValueError("dequantize=True needs use_fp8=True")
+    bind = dispatch_dequantized if dequantize else dispatch_p.bind
+    outs = bind(
         x, topk_idx, stats_in, _order_from(after), num_experts=config.num_experts,
         max_tokens=config.max_tokens_per_rank, num_ranks=num_ranks, axis_name=axis_name,
         use_fp8=bool(use_fp8), round_scale=bool(round_scale), buffer_id=int(buffer_id))
@@ -114,6 +127,7 @@ def combine(y, topk_idx, topk_weights, handle: DispatchHandle, buffer: BufferOrC
     [T, K] as given to dispatch (weights f32). Returns out [T, H] bf16 with
     out[t] = sum_k w[t,k] * y[row of (t, idx[t,k])], accumulated in f32; with
     return_order also the order token for a later call to follow.
+    Differentiable w.r.t. y and topk_weights.
     """
     config, axis_name, buffer_id = _resolve(buffer, axis_name)
     num_ranks = _num_ranks(axis_name)

@@ -31,6 +31,18 @@ def make_inputs(rng, r, t, h, k, e, *, mask_frac=0.2, idx_dtype=np.int32):
     return x, idx, w
 
 
+def rel_err(a, b):
+    """max |a - b| / max |b| in f32."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def norm_rel_err(a, b):
+    """||a - b|| / ||b|| in f32."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def mesh_of(r):
     return Mesh(np.array(jax.devices("cpu")[:r]), ("ep",))
 

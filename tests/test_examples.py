@@ -1,0 +1,30 @@
+"""Each example runs (CPU, small sizes) in a subprocess and prints its success line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = {
+    "quickstart": (["--tokens", "8", "--hidden", "128"], "OK: quickstart"),
+    "train_moe": (["--steps", "40"], "OK: EP training matches non-EP training"),
+    "decode_loop": (["--steps", "4", "--slots", "8", "--hidden", "128"],
+                    "OK: decode loop matches the dense model"),
+    "launch_multiprocess": (["--nprocs", "2", "--tokens", "8", "--hidden", "128"],
+                            "OK: all 2 processes passed"),
+    "route_tokens": (["--tokens", "16", "--hidden", "128"], "OK: expert-parallel MoE output"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example(name):
+    args, success = CASES[name]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)   # each example sets up its own (virtual) devices
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name + ".py"), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and success in proc.stdout, f"{name} failed:\n{out[-4000:]}"
