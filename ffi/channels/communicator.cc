@@ -1,0 +1,256 @@
+// Communicator: registered memory, peer mapping, channel handles, proxy.
+#include "channels/communicator.h"
+
+#include <unistd.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "channels/channel_handles_host.h"
+#include "channels/proxy.h"
+
+namespace jmep {
+namespace {
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("jax_mscclpp_ep channels: ") + what + ": " +
+                             cudaGetErrorString(e));
+}
+
+struct DeviceGuard {
+  int saved = -1;
+  explicit DeviceGuard(int dev) {
+    ck(cudaGetDevice(&saved), "cudaGetDevice");
+    ck(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (saved >= 0) cudaSetDevice(saved);
+  }
+};
+
+// What a peer needs to reach this rank (fixed-size, sent as bytes).
+struct PeerInfo {
+  uint32_t magic;
+  int32_t rank, nranks, pid;
+  char host[64];
+  char bus_id[32];
+  uint64_t buffer_ptr;  // valid in the exporting process only
+  uint64_t buffer_bytes;
+  cudaIpcMemHandle_t ipc;
+};
+constexpr uint32_t kInfoMagic = 0x4a4d4550;  // "JMEP"
+
+size_t sem_offset(size_t buffer_bytes) { return (buffer_bytes + 255) / 256 * 256; }
+
+const char* phase_name(int32_t p) {
+  switch (p) {
+    case kPhaseTest: return "test";
+    case kPhaseBarrier: return "barrier";
+    case kPhaseDispatchSend: return "dispatch-send";
+    case kPhaseDispatchRecv: return "dispatch-recv";
+    case kPhaseCombineSend: return "combine-send";
+    case kPhaseCombineRecv: return "combine-recv";
+    case kPhaseProxyFlush: return "proxy-fifo/flush";
+    default: return "none";
+  }
+}
+
+}  // namespace
+
+Communicator::Communicator(int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
+                           int64_t timeout_ns, int fifo_size)
+    : rank_(rank), nranks_(nranks), device_(device), buffer_bytes_(buffer_bytes),
+      force_port_(force_port), timeout_ns_(timeout_ns), fifo_size_(fifo_size) {
+  if (nranks <= 0 || rank < 0 || rank >= nranks)
+    throw std::invalid_argument("Communicator: bad rank/nranks");
+  if (fifo_size < 16) throw std::invalid_argument("Communicator: fifo_size must be >= 16");
+  DeviceGuard g(device);
+  try {
+    const size_t total = sem_offset(buffer_bytes) + sem_area_bytes(nranks);
+    ck(cudaMalloc(reinterpret_cast<void**>(&buffer_), total), "cudaMalloc(registered buffer)");
+    ck(cudaMemset(buffer_, 0, total), "cudaMemset(registered buffer)");
+    // state: mem expected[n], port expected[n], fifo head, tail cache, poll lock, scratch[64]
+    const size_t words = 2 * nranks + 3 + 64;
+    ck(cudaMalloc(reinterpret_cast<void**>(&state_), words * 8), "cudaMalloc(state)");
+    ck(cudaMemset(state_, 0, words * 8), "cudaMemset(state)");
+    scratch_ = state_ + 2 * nranks + 3;
+    ck(cudaHostAlloc(reinterpret_cast<void**>(&err_host_), sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+       "cudaHostAlloc(error record)");
+    std::memset(err_host_, 0, sizeof(ErrorRecord));
+    ck(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev_), err_host_, 0),
+       "error record device pointer");
+    const size_t fifo_bytes = 256 + sizeof(FifoTrigger) * fifo_size;
+    ck(cudaHostAlloc(&fifo_host_, fifo_bytes, cudaHostAllocMapped | cudaHostAllocPortable),
+       "cudaHostAlloc(fifo)");
+    std::memset(fifo_host_, 0, fifo_bytes);
+    ck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    ck(cudaDeviceSynchronize(), "communicator setup");
+  } catch (...) {
+    close();
+    throw;
+  }
+  kinds_.assign(nranks, 2);
+  kinds_[rank] = 0;
+  peer_bufs_.assign(nranks, nullptr);
+  peer_devs_.assign(nranks, -1);
+  ipc_opened_.assign(nranks, false);
+  peer_bufs_[rank] = buffer_;
+  peer_devs_[rank] = device;
+}
+
+Communicator::~Communicator() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void Communicator::fail_if_closed() const {
+  if (closed_) throw std::runtime_error("Communicator is closed");
+}
+
+std::string Communicator::local_info() const {
+  fail_if_closed();
+  PeerInfo info;
+  std::memset(&info, 0, sizeof(info));
+  info.magic = kInfoMagic;
+  info.rank = rank_;
+  info.nranks = nranks_;
+  info.pid = static_cast<int32_t>(getpid());
+  gethostname(info.host, sizeof(info.host) - 1);
+  ck(cudaDeviceGetPCIBusId(info.bus_id, sizeof(info.bus_id), device_), "cudaDeviceGetPCIBusId");
+  info.buffer_ptr = reinterpret_cast<uint64_t>(buffer_);
+  info.buffer_bytes = buffer_bytes_;
+  {
+    DeviceGuard g(device_);
+    ck(cudaIpcGetMemHandle(&info.ipc, buffer_), "cudaIpcGetMemHandle");
+  }
+  return std::string(reinterpret_cast<const char*>(&info), sizeof(info));
+}
+
+void Communicator::connect(const std::vector<std::string>& infos) {
+  fail_if_closed();
+  if (connected_) throw std::runtime_error("Communicator already connected");
+  if (static_cast<int>(infos.size()) != nranks_)
+    throw std::invalid_argument("connect: need one info per rank");
+  DeviceGuard g(device_);
+  char my_host[64] = {0};
+  gethostname(my_host, sizeof(my_host) - 1);
+  const int my_pid = static_cast<int>(getpid());
+  const size_t soff = sem_offset(buffer_bytes_);
+  std::vector<ProxyPeer> proxy_peers(nranks_);
+  for (int p = 0; p < nranks_; ++p) {
+    if (infos[p].size() != sizeof(PeerInfo))
+      throw std::invalid_argument("connect: malformed info for rank " + std::to_string(p));
+    PeerInfo info;
+    std::memcpy(&info, infos[p].data(), sizeof(info));
+    if (info.magic != kInfoMagic || info.rank != p || info.nranks != nranks_ ||
+        info.buffer_bytes != buffer_bytes_)
+      throw std::invalid_argument("connect: info of rank " + std::to_string(p) +
+                                  " does not match (rank/nranks/buffer size)");
+    if (p == rank_) continue;
+    if (std::strncmp(info.host, my_host, sizeof(my_host)) != 0)
+      throw std::runtime_error("connect: rank " + std::to_string(p) + " is on host '" +
+                               info.host + "'; only single-host jobs are supported (no RDMA)");
+    int pdev = -1;
+    ck(cudaDeviceGetByPCIBusId(&pdev, info.bus_id), "cudaDeviceGetByPCIBusId (peer GPU not visible?)");
+    peer_devs_[p] = pdev;
+    // Two ranks may share one GPU (a loopback that lets one GPU stand in for a
+    // pair in tests): the peer's buffer is then plain local device memory.
+    int can = 1;
+    if (pdev != device_) ck(cudaDeviceCanAccessPeer(&can, device_, pdev), "cudaDeviceCanAccessPeer");
+    if (can && pdev != device_) {
+      cudaError_t e = cudaDeviceEnablePeerAccess(pdev, 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+      else ck(e, "cudaDeviceEnablePeerAccess");
+    }
+    if (info.pid == my_pid) {
+      peer_bufs_[p] = reinterpret_cast<char*>(info.buffer_ptr);  // same process: raw pointer
+    } else {
+      void* ptr = nullptr;
+      ck(cudaIpcOpenMemHandle(&ptr, info.ipc, cudaIpcMemLazyEnablePeerAccess),
+         "cudaIpcOpenMemHandle");
+      peer_bufs_[p] = static_cast<char*>(ptr);
+      ipc_opened_[p] = true;
+    }
+    kinds_[p] = (can && !force_port_) ? 1 : 2;
+    proxy_peers[p].remote = peer_bufs_[p];
+    proxy_peers[p].remote_port_sem = reinterpret_cast<uint64_t*>(peer_bufs_[p] + soff) + nranks_ + rank_;
+  }
+
+  HandleInputs in;
+  in.rank = rank_;
+  in.nranks = nranks_;
+  in.local = buffer_;
+  in.sem_off = soff;
+  in.peer_bufs = peer_bufs_;
+  in.kinds = kinds_;
+  in.state = state_;
+  in.fifo_host = fifo_host_;
+  in.fifo_size = static_cast<uint32_t>(fifo_size_);
+  in.err_dev = err_dev_;
+  in.timeout_ns = timeout_ns_;
+  handles_dev_ = build_device_handles(in);
+
+  char* fifo = static_cast<char*>(fifo_host_);
+  proxy_.reset(new Proxy(device_, buffer_, reinterpret_cast<FifoTrigger*>(fifo + 256),
+                         reinterpret_cast<uint64_t*>(fifo), static_cast<uint32_t>(fifo_size_),
+                         std::move(proxy_peers)));
+  connected_ = true;
+}
+
+void Communicator::close() {
+  if (closed_) return;
+  closed_ = true;
+  int saved = -1;
+  cudaGetDevice(&saved);
+  cudaSetDevice(device_);
+  if (stream_) cudaStreamSynchronize(stream_);
+  proxy_.reset();  // stops the thread after draining its stream
+  for (int p = 0; p < static_cast<int>(ipc_opened_.size()); ++p)
+    if (ipc_opened_[p]) cudaIpcCloseMemHandle(peer_bufs_[p]);
+  ipc_opened_.assign(ipc_opened_.size(), false);
+  if (handles_dev_) cudaFree(handles_dev_);
+  if (buffer_) cudaFree(buffer_);
+  if (state_) cudaFree(state_);
+  if (err_host_) cudaFreeHost(err_host_);
+  if (fifo_host_) cudaFreeHost(fifo_host_);
+  if (stream_) cudaStreamDestroy(stream_);
+  handles_dev_ = nullptr;
+  buffer_ = nullptr;
+  state_ = scratch_ = nullptr;
+  err_host_ = err_dev_ = nullptr;
+  fifo_host_ = nullptr;
+  stream_ = nullptr;
+  cudaGetLastError();
+  if (saved >= 0) cudaSetDevice(saved);
+}
+
+void Communicator::check_error() {
+  std::string proxy_err = proxy_ ? proxy_->error() : std::string();
+  if (err_host_ == nullptr) {
+    if (!proxy_err.empty()) throw std::runtime_error(proxy_err);
+    return;
+  }
+  volatile ErrorRecord* r = err_host_;
+  const int32_t code = r->code;
+  if (code == kErrOk && proxy_err.empty()) return;
+  std::string msg;
+  if (code != kErrOk) {
+    const char* what = code == kErrTimeout       ? "timed out waiting for a signal from"
+                       : code == kErrFifoTimeout ? "timed out on the port-channel FIFO/flush towards"
+                                                 : "error with";
+    msg = "jax_mscclpp_ep channel error: rank " + std::to_string(r->rank) + " " + what +
+          " peer " + std::to_string(r->peer) + " in phase " + phase_name(r->phase) +
+          " (code " + std::to_string(code) + ", detail " + std::to_string(r->detail) +
+          ", timeout " + std::to_string(timeout_ns_ / 1000000) + " ms)";
+  }
+  if (!proxy_err.empty()) msg += (msg.empty() ? "" : "; ") + proxy_err;
+  r->detail = 0;
+  r->rank = r->peer = r->phase = 0;
+  __atomic_store_n(&err_host_->code, 0, __ATOMIC_RELEASE);
+  throw std::runtime_error(msg);
+}
+
+}  // namespace jmep

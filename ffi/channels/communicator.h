@@ -1,0 +1,86 @@
+// Host side of one rank (one GPU): the registered buffer, the peers' mapped
+// buffers, the device channel handles, the error record and the port-channel
+// proxy. Built in two steps so that Python can move the exchanged bytes
+// (through JAX's key-value store, or in process):
+//   Communicator c(rank, nranks, device, bytes, force_port, timeout_ns);
+//   std::string mine = c.local_info();   // give to every peer
+//   c.connect(all_infos);                 // infos[r] from rank r
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "channels/error_record.h"
+
+namespace jmep {
+
+struct ChannelDeviceHandle;
+class Proxy;
+
+// Bytes at the end of the registered allocation (past buffer_bytes) that hold
+// the inbound semaphores: [memory sems: nranks][port sems: nranks], indexed by
+// the sending rank.
+inline size_t sem_area_bytes(int nranks) { return static_cast<size_t>(nranks) * 16 + 256; }
+
+class Communicator {
+ public:
+  Communicator(int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
+               int64_t timeout_ns, int fifo_size = 1024);
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  std::string local_info() const;
+  void connect(const std::vector<std::string>& infos);
+  void close();  // idempotent; also run by the destructor
+
+  int rank() const { return rank_; }
+  int nranks() const { return nranks_; }
+  int device() const { return device_; }
+  char* buffer() const { return buffer_; }
+  size_t buffer_bytes() const { return buffer_bytes_; }
+  int channel_kind(int peer) const { return kinds_.at(peer); }
+  bool connected() const { return connected_; }
+  bool closed() const { return closed_; }
+  ChannelDeviceHandle* device_handles() const { return handles_dev_; }
+  ErrorRecord* error_record() const { return err_host_; }
+  ErrorRecord* error_record_device() const { return err_dev_; }
+  int64_t timeout_ns() const { return timeout_ns_; }
+  cudaStream_t stream() const { return stream_; }  // for test/bench launches
+  uint64_t* scratch() const { return scratch_; }    // 64 device words for tests
+  char* peer_buffer(int peer) const { return peer_bufs_.at(peer); }
+  int peer_device(int peer) const { return peer_devs_.at(peer); }
+
+  // Throws std::runtime_error naming rank/peer/phase if a kernel or the
+  // proxy recorded an error, then resets the record.
+  void check_error();
+
+ private:
+  void fail_if_closed() const;
+
+  int rank_, nranks_, device_;
+  size_t buffer_bytes_;
+  bool force_port_;
+  int64_t timeout_ns_;
+  int fifo_size_;
+  bool connected_ = false, closed_ = false;
+
+  char* buffer_ = nullptr;           // registered allocation (+ semaphore area)
+  uint64_t* state_ = nullptr;        // device counters (expected, fifo head, tail cache, scratch)
+  uint64_t* scratch_ = nullptr;
+  ErrorRecord* err_host_ = nullptr;  // host-mapped
+  ErrorRecord* err_dev_ = nullptr;
+  void* fifo_host_ = nullptr;        // host-mapped: [tail (256 B)][slots]
+  ChannelDeviceHandle* handles_dev_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  std::vector<int> kinds_;
+  std::vector<char*> peer_bufs_;     // peer's buffer as seen from my device
+  std::vector<int> peer_devs_;       // peer's device ordinal in this process
+  std::vector<bool> ipc_opened_;
+  std::unique_ptr<Proxy> proxy_;
+};
+
+}  // namespace jmep

@@ -1,0 +1,164 @@
+"""Bootstrap of the channel layer: one ``Communicator`` per local GPU.
+
+A rank is one GPU. Each communicator allocates its registered buffer, then
+ranks swap a small blob (host, pid, PCI bus id, CUDA IPC handle) and map each
+other's buffers. In a multi-process job (after ``jax.distributed.initialize``)
+the blobs go through JAX's distributed key-value store under a per-instance
+namespace; with one process driving all local GPUs they are swapped in
+process. Each peer gets a memory channel (NVLink/P2P) where reachable, else a
+port channel (host proxy); ``force_port`` / ``JMEP_FORCE_PORT_CHANNELS=1``
+forces port channels everywhere.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+from . import _native
+
+DEFAULT_TIMEOUT_S = 30.0
+_instance_counter = itertools.count()
+
+
+def _ep():
+    if not _native.cuda_enabled():
+        raise RuntimeError("jax_mscclpp_ep was built without CUDA: no channel layer")
+    return _native._ep
+
+
+def env_force_port() -> bool:
+    return os.environ.get("JMEP_FORCE_PORT_CHANNELS", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def env_timeout_s() -> float:
+    v = os.environ.get("JMEP_TIMEOUT_S", "").strip()
+    return float(v) if v else DEFAULT_TIMEOUT_S
+
+
+def _kv_client():
+    """JAX's distributed KV client, or a clear error if the job has none."""
+    try:
+        from jax._src import distributed
+        client = distributed.global_state.client
+    except Exception:  # pragma: no cover - jax internals moved
+        client = None
+    if client is None:
+        raise RuntimeError(
+            "jax_mscclpp_ep: this is a multi-process job but jax.distributed is not "
+            "initialised; call jax.distributed.initialize(...) before creating communicators")
+    return client
+
+
+def _kv_set(client, key: str, value: bytes) -> None:
+    if hasattr(client, "key_value_set_bytes"):
+        client.key_value_set_bytes(key, value)
+    else:  # older clients: hex in a string
+        client.key_value_set(key, value.hex())
+
+
+def _kv_get(client, key: str, timeout_ms: int) -> bytes:
+    if hasattr(client, "blocking_key_value_get_bytes"):
+        return bytes(client.blocking_key_value_get_bytes(key, timeout_ms))
+    return bytes.fromhex(client.blocking_key_value_get(key, timeout_ms))
+
+
+def _kv_barrier(client, name: str, me: int, n: int, timeout_ms: int) -> None:
+    _kv_set(client, f"{name}/{me}", b"1")
+    for p in range(n):
+        _kv_get(client, f"{name}/{p}", timeout_ms)
+
+
+def _resolve_devices(devices):
+    """-> (global rank list of (process_index, cuda ordinal), my local ranks)."""
+    import jax
+
+    if devices is not None and all(isinstance(d, int) for d in devices):
+        # Plain CUDA ordinals: one process drives them all, no JAX needed.
+        ords = list(devices)
+        return [(0, o) for o in ords], list(range(len(ords))), False
+    if devices is None:
+        devices = [d for d in jax.devices() if d.platform == "gpu"]
+        if not devices:
+            raise RuntimeError("jax_mscclpp_ep: no JAX GPU devices to build communicators for")
+    devices = sorted(devices, key=lambda d: d.id)  # jax global device order
+    me = jax.process_index()
+    # CUDA ordinals matter only for this process's devices (remote ones report None).
+    ranks = [(d.process_index, int(d.local_hardware_id) if d.process_index == me else -1)
+             for d in devices]
+    mine = [r for r, (p, _) in enumerate(ranks) if p == me]
+    if not mine:
+        raise RuntimeError("jax_mscclpp_ep: none of the given devices belongs to this process")
+    multi = len({p for p, _ in ranks}) > 1
+    return ranks, mine, multi
+
+
+def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, timeout_s=None,
+                         namespace=None, fifo_size: int = 1024, kv_timeout_s: float = 120.0):
+    """Communicators for this process's devices among ``devices``.
+
+    devices: JAX devices (ranks = their global order; default all GPU devices),
+      or a list of CUDA ordinals (single process, ranks in list order).
+    Returns the local communicators in rank order.
+    """
+    ep = _ep()
+    ranks, mine, multi = _resolve_devices(devices)
+    n = len(ranks)
+    force = env_force_port() if force_port is None else bool(force_port)
+    tmo = env_timeout_s() if timeout_s is None else float(timeout_s)
+    ns = namespace or "jmep_channels"
+    ns = f"{ns}/{next(_instance_counter)}"  # two instances never share keys
+    comms = []
+    try:
+        for r in mine:
+            comms.append(ep.Communicator(r, n, ranks[r][1], int(buffer_bytes), force,
+                                         int(tmo * 1e9), int(fifo_size)))
+        infos = {c.rank: c.local_info() for c in comms}
+        if multi:
+            client = _kv_client()
+            for r, b in infos.items():
+                _kv_set(client, f"{ns}/info/{r}", b)
+            for r in range(n):
+                if r not in infos:
+                    infos[r] = _kv_get(client, f"{ns}/info/{r}", int(kv_timeout_s * 1000))
+        elif len(infos) != n:
+            raise RuntimeError("jax_mscclpp_ep: ranks live in other processes but the job is single-process")
+        blob = [infos[r] for r in range(n)]
+        for c in comms:
+            c.connect(blob)
+        if multi:
+            # Nobody uses a peer before every peer has mapped everything.
+            import jax
+            _kv_barrier(_kv_client(), f"{ns}/connected", jax.process_index(), jax.process_count(),
+                        int(kv_timeout_s * 1000))
+    except BaseException:
+        for c in comms:
+            c.close()
+        raise
+    return comms
+
+
+def close_communicators(comms, *, kv_timeout_s: float = 120.0) -> None:
+    """Close local communicators after every process is done with its peers."""
+    comms = list(comms)
+    if not comms:
+        return
+    err = None
+    for c in comms:
+        try:
+            c.sync()
+        except RuntimeError as e:  # still tear down; report afterwards
+            err = err or e
+    import jax
+    if jax.process_count() > 1:
+        ns = f"jmep_channels_close/{next(_instance_counter)}"
+        _kv_barrier(_kv_client(), ns, jax.process_index(), jax.process_count(),
+                    int(kv_timeout_s * 1000))
+    for c in comms:
+        c.close()
+    if jax.process_count() > 1:
+        # Peers' mappings of our buffers are gone too once everyone is here,
+        # so the memory is really released on every rank.
+        _kv_barrier(_kv_client(), ns + "/done", jax.process_index(), jax.process_count(),
+                    int(kv_timeout_s * 1000))
+    if err is not None:
+        raise err
