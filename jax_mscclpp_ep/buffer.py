@@ -77,6 +77,17 @@ class Buffer:
         if self._device_state is not None:
             self._device_state.check()
 
+    def dropped_ids(self):
+        """How many (token, slot) expert ids outside [-1, E) dispatch has met on this process's
+        GPUs since the buffer was created. They are never sent (treated like -1), and no
+        kernel touches memory for them. Synchronises the devices: call it between steps,
+        not inside jit. CPU buffers keep no device state: None (the reference drops them
+        the same way)."""
+        self.check_open()
+        if self._device_state is None:
+            return None
+        return self._device_state.dropped()
+
     def close(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,41 @@
+// One registry entry: what it keeps alive (communicator, or the buffers of the
+// direct peer-access fallback) and the device-resident LL state the kernels use.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "kernels/ll_args.cuh"
+
+namespace jmep {
+
+class Communicator;
+
+struct LlEntry {
+  std::shared_ptr<Communicator> comm;  // channel-layer path
+  std::shared_ptr<void> owned;         // p2p fallback: buffers shared by the group
+  ErrorRecord* host_error = nullptr;   // p2p fallback: host view of st.error
+  LlStatic st{};                       // copied into every launch
+  int device = 0;
+  int num_blocks = 0;
+  void* dev_mem = nullptr;             // LlDeviceState + slot[E] + finish[E] + peers[R]
+};
+
+// Registered entry for (buffer id, device), or null. Thread-safe.
+LlEntry* ll_find(int64_t buffer_id, int device);
+
+// Allocates and zeroes the device state of `e` (on e.device, which must be
+// current), zeroes both halves' signal words of `buffer`, and fills e.st.
+// peers_host: the peer table to copy, or null when a kernel fills it later.
+// Returns the device address of the peer table.
+LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
+                      int64_t max_tokens, int64_t hidden, int64_t num_experts,
+                      ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
+                      const LlPeer* peers_host);
+// Adds (or replaces) the entry for (buffer id, e->device).
+void ll_insert(int64_t buffer_id, std::unique_ptr<LlEntry> e);
+// Throws std::invalid_argument unless the kernels support these sizes.
+void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int nranks);
+// cudaError_t -> std::runtime_error.
+void ll_cuda_check(int err, const char* what);
+
+}  // namespace jmep

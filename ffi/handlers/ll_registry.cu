@@ -1,0 +1,239 @@
+// Registry of LL state, keyed by (buffer id, device ordinal). The FFI
+// handlers look entries up on every call; creation and teardown happen only
+// from Python (Buffer creation / close), never inside a jitted step.
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "handlers/ll_entry.cuh"
+#include "handlers/ll_registry.h"
+#include "kernels/ll_layout.cuh"
+
+#if JMEP_LL_HAVE_CHANNELS
+#include "channels/communicator.h"
+#include "channels/proxy.h"
+#endif
+
+namespace jmep {
+
+int64_t ll_size_hint(int64_t m, int64_t h, int64_t r, int64_t e) {
+  return LlLayout::make(m, h, r, e).total_bytes();
+}
+
+bool ll_enabled() { return true; }
+bool ll_has_channels() { return JMEP_LL_HAVE_CHANNELS != 0; }
+
+namespace {
+
+std::mutex g_mu;
+std::map<std::pair<int64_t, int>, std::unique_ptr<LlEntry>> g_entries;
+
+// Restores the caller's current device (registration may target another GPU).
+struct DeviceGuard {
+  int saved = 0;
+  explicit DeviceGuard(int dev) {
+    ll_cuda_check(cudaGetDevice(&saved), "cudaGetDevice");
+    ll_cuda_check(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(saved); }
+};
+
+void free_entry(LlEntry& e) {
+  if (e.dev_mem == nullptr) return;
+  DeviceGuard g(e.device);
+  cudaDeviceSynchronize();  // no kernel of ours may still use the state
+  cudaFree(e.dev_mem);
+  e.dev_mem = nullptr;
+}
+
+}  // namespace
+
+void ll_cuda_check(int err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("jax_mscclpp_ep LL: ") + what + ": " +
+                             cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int nranks) {
+  if (hidden <= 0 || hidden % 128 || hidden > 8192)
+    throw std::invalid_argument("LL kernels need hidden to be a multiple of 128 and <= 8192, got " +
+                                std::to_string(hidden));
+  if (nranks <= 0 || nranks > kLlMaxRanks)
+    throw std::invalid_argument("LL kernels support 1 to 64 ranks");
+  if (num_experts <= 0 || num_experts > 1024 || num_experts % nranks)
+    throw std::invalid_argument("LL kernels need 0 < num_experts <= 1024, divisible by the ranks");
+  if (max_tokens <= 0 || max_tokens > 1024)
+    throw std::invalid_argument("LL kernels need 0 < max_tokens <= 1024");
+}
+
+LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
+                      int64_t max_tokens, int64_t hidden, int64_t num_experts,
+                      ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
+                      const LlPeer* peers_host) {
+  int sms = 0;
+  ll_cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, e.device), "SM count");
+  ll_cuda_check(ll_preload_dispatch(), "load dispatch kernel");
+  ll_cuda_check(ll_preload_combine(), "load combine kernel");
+  e.num_blocks = sms;  // one block per SM: every block co-resident (they wait on each other)
+  const size_t state_bytes = sizeof(LlDeviceState) + 2 * sizeof(int32_t) * num_experts;
+  const size_t peers_off = (state_bytes + 15) / 16 * 16;
+  const size_t bytes = peers_off + sizeof(LlPeer) * nranks;
+  ll_cuda_check(cudaMalloc(&e.dev_mem, bytes), "cudaMalloc(LL state)");
+  char* base = static_cast<char*>(e.dev_mem);
+  ll_cuda_check(cudaMemset(base, 0, bytes), "cudaMemset(LL state)");
+  for (int h = 0; h < 2; ++h)  // both halves' signal words start at zero; kernels keep them so
+    ll_cuda_check(cudaMemset(buffer + layout.half_base(h) + layout.signal_off, 0,
+                             2 * 8 * num_experts),
+                  "cudaMemset(signal area)");
+  LlPeer* peers = reinterpret_cast<LlPeer*>(base + peers_off);
+  if (peers_host != nullptr)
+    ll_cuda_check(cudaMemcpy(peers, peers_host, sizeof(LlPeer) * nranks, cudaMemcpyHostToDevice),
+                  "copy peer table");
+  LlStatic& s = e.st;
+  s.layout = layout;
+  s.local = buffer;
+  s.peers = peers;
+  s.handles = handles;
+  s.state = reinterpret_cast<LlDeviceState*>(base);
+  s.slot_ctr = reinterpret_cast<int32_t*>(base + sizeof(LlDeviceState));
+  s.finish_ctr = s.slot_ctr + num_experts;
+  s.error = error;
+  s.timeout_ns = timeout_ns;
+  s.rank = rank;
+  s.nranks = nranks;
+  s.num_experts = static_cast<int32_t>(num_experts);
+  s.local_experts = static_cast<int32_t>(num_experts / nranks);
+  s.max_tokens = static_cast<int32_t>(max_tokens);
+  s.hidden = static_cast<int32_t>(hidden);
+  return peers;
+}
+
+void ll_insert(int64_t buffer_id, std::unique_ptr<LlEntry> e) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto& slot = g_entries[{buffer_id, e->device}];
+  if (slot) free_entry(*slot);
+  slot = std::move(e);
+}
+
+LlEntry* ll_find(int64_t buffer_id, int device) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_entries.find({buffer_id, device});
+  if (it != g_entries.end()) return it->second.get();
+  // One GPU per process: XLA's ordinal may differ from the CUDA ordinal the
+  // communicator uses; a buffer with a single local entry is unambiguous.
+  LlEntry* only = nullptr;
+  int n = 0;
+  for (auto& kv : g_entries)
+    if (kv.first.first == buffer_id) only = kv.second.get(), ++n;
+  return n == 1 ? only : nullptr;
+}
+
+#if JMEP_LL_HAVE_CHANNELS
+
+void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t max_tokens,
+                 int64_t hidden, int64_t num_experts) {
+  if (!comm) throw std::invalid_argument("ll_register: communicator is None");
+  const int R = comm->nranks();
+  ll_check_sizes(max_tokens, hidden, num_experts, R);
+  const LlLayout layout = LlLayout::make(max_tokens, hidden, R, num_experts);
+  if (static_cast<int64_t>(comm->buffer_bytes()) < layout.total_bytes())
+    throw std::invalid_argument("communicator buffer has " + std::to_string(comm->buffer_bytes()) +
+                                " bytes, the LL layout needs " +
+                                std::to_string(layout.total_bytes()));
+  auto e = std::make_unique<LlEntry>();
+  e->comm = comm;
+  e->device = comm->device();
+  DeviceGuard g(e->device);
+  LlPeer* peers = ll_init_state(*e, layout, comm->buffer(), comm->rank(), R, max_tokens, hidden,
+                                num_experts, comm->device_handles(), comm->error_record_device(),
+                                comm->timeout_ns(), nullptr);
+  ll_launch_peers_init(comm->device_handles(), comm->buffer(), peers, R, nullptr);
+  ll_cuda_check(cudaGetLastError(), "peer table kernel");
+  // With CUDA lazy loading, the first launch of the proxy's one-thread atomic
+  // kernel would load its module while an LL kernel spins waiting for that
+  // very atomic (a module load can wait for running kernels): load it now.
+  bool any_port = false;
+  for (int p = 0; p < R; ++p) any_port |= comm->channel_kind(p) == kLlPort;
+  if (any_port) {
+    ll_cuda_check(proxy_launch_add(comm->scratch() + 63, 0, nullptr), "proxy kernel warm-up");
+    ll_cuda_check(proxy_launch_store(comm->scratch() + 62, 0, nullptr), "proxy kernel warm-up");
+  }
+  ll_cuda_check(cudaDeviceSynchronize(), "LL registration");
+  ll_insert(buffer_id, std::move(e));
+}
+
+#else  // no channel layer in this build
+
+void ll_register(int64_t, std::shared_ptr<Communicator>, int64_t, int64_t, int64_t) {
+  throw std::runtime_error("this build has no channel layer (communicators)");
+}
+
+#endif
+
+void ll_check(int64_t buffer_id, int device) {
+  LlEntry* e = ll_find(buffer_id, device);
+  if (e == nullptr) throw std::runtime_error("no LL state for this buffer/device");
+#if JMEP_LL_HAVE_CHANNELS
+  if (e->comm) {
+    e->comm->check_error();
+    return;
+  }
+#endif
+  if (e->host_error != nullptr && e->host_error->code != kErrOk) {
+    const ErrorRecord r = *e->host_error;
+    e->host_error->code = kErrOk;
+    static const char* phases[] = {"none", "test", "barrier", "dispatch send", "dispatch receive",
+                                   "combine send", "combine receive", "proxy flush"};
+    const char* ph = (r.phase >= 0 && r.phase < 8) ? phases[r.phase] : "?";
+    throw std::runtime_error("jax_mscclpp_ep: device-side error " + std::to_string(r.code) +
+                             " (1 = timeout) on rank " + std::to_string(r.rank) + " waiting for peer " +
+                             std::to_string(r.peer) + " in " + ph + " (value seen " +
+                             std::to_string(r.detail) + ")");
+  }
+}
+
+bool ll_unregister(int64_t buffer_id, int device) {
+  std::unique_ptr<LlEntry> e;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_entries.find({buffer_id, device});
+    if (it == g_entries.end()) return false;
+    e = std::move(it->second);
+    g_entries.erase(it);
+  }
+  free_entry(*e);
+  return true;
+}
+
+int64_t ll_dropped(int64_t buffer_id, int device) {
+  LlEntry* e = ll_find(buffer_id, device);
+  if (e == nullptr || e->st.state == nullptr) return -1;
+  DeviceGuard g(e->device);
+  LlDeviceState st{};
+  ll_cuda_check(cudaMemcpy(&st, e->st.state, sizeof(st), cudaMemcpyDeviceToHost), "read LL state");
+  return st.dropped;
+}
+
+std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
+  LlEntry* e = ll_find(buffer_id, device);
+  if (e == nullptr || e->st.state == nullptr) throw std::runtime_error("no LL state for this buffer");
+  DeviceGuard g(e->device);
+  ll_cuda_check(cudaDeviceSynchronize(), "sync for timing");
+  LlDeviceState st{};
+  ll_cuda_check(cudaMemcpy(&st, e->st.state, sizeof(st), cudaMemcpyDeviceToHost), "read LL state");
+  if (reset) {
+    const size_t off = offsetof(LlDeviceState, sum_send_ns);
+    ll_cuda_check(cudaMemset(reinterpret_cast<char*>(e->st.state) + off, 0, sizeof(st) - off),
+                  "reset timing");
+    ll_cuda_check(cudaDeviceSynchronize(), "reset timing");
+  }
+  return {st.calls[0], st.sum_send_ns[0], st.sum_total_ns[0],
+          st.calls[1], st.sum_send_ns[1], st.sum_total_ns[1]};
+}
+
+}  // namespace jmep

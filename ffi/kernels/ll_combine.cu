@@ -1,0 +1,146 @@
+// LL combine: the mirror of dispatch, one kernel, all blocks co-resident.
+//  send:    block per (local expert j, source rank r): each row of the block
+//           [offset, offset+count) goes back to r's slot (expert, token) —
+//           a direct NVLink store, or staged + put for port peers — then one
+//           flag add tells r that expert j's rows for it are all there.
+//  receive: block per token; wait for the flags of its experts, then
+//           out[t] = sum_k w[t,k] * row(t, e_k), f32 accumulation, one bf16
+//           rounding (same order of operations as the reference: mul, add).
+#include <cuda_bf16.h>
+
+#include "kernels/ll_args.cuh"
+
+namespace jmep {
+namespace {
+
+constexpr int kThreads = 512;
+
+__global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombineArgs a) {
+  const LlStatic& s = a.s;
+  const LlLayout& L = s.layout;
+  __shared__ int s_exp[kLlMaxTopk];
+  __shared__ float s_w[kLlMaxTopk];
+  __shared__ char* s_pbase[kLlMaxRanks];
+  __shared__ int s_kind[kLlMaxRanks];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
+  const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
+  const int seq = *reinterpret_cast<volatile int32_t*>(&s.state->seq);
+  const int half = seq & 1, prev = half ^ 1;
+  ll_mark_start(s.state);
+  for (int p = tid; p < R; p += blockDim.x) {
+    s_pbase[p] = s.peers[p].base;
+    s_kind[p] = s.peers[p].kind;
+  }
+  __syncthreads();
+  const int nvec = H / 8;  // 16-byte vectors per bf16 row
+  const int64_t row_bytes = int64_t(H) * 2;
+  const char* y = static_cast<const char*>(a.y);
+
+  // ---------------------------------------------------------------- send
+  for (int q = blockIdx.x; q < LE * R; q += gridDim.x) {
+    const int j = q / R, r = q % R;
+    const int64_t lr = a.layout_range[q];
+    int off = static_cast<int>(lr >> 32), cnt = static_cast<int>(lr & 0xffffffff);
+    // A handle from elsewhere must not make us write out of bounds.
+    if (cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
+    const int e = s.rank * LE + j;
+    const bool port = s_kind[r] == kLlPort;
+    // Rows are few per pair (T*K/E on average): split each row over several
+    // warps so the whole block copies.
+    const int split = cnt > 0 && cnt < nwarps ? nwarps / cnt : 1;
+    const int per = (nvec + split - 1) / split;
+    for (int wi = warp; wi < cnt * split; wi += nwarps) {
+      const int i = wi / split, c0 = (wi % split) * per;
+      const int n = min(per, nvec - c0);
+      const int64_t row = int64_t(j) * R * M + off + i;
+      const int tok = a.src_info[row];
+      if (tok < 0 || tok >= M || n <= 0) continue;
+      const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
+      char* base = port ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
+                        : s_pbase[r] + L.combine_slot(half, e, tok, M);
+      ll_warp_copy<false>(reinterpret_cast<uint4*>(base) + c0, src, n, lane);
+    }
+    if (port) {
+      __threadfence_system();  // staged rows visible to the proxy's copy engine
+      __syncthreads();
+      for (int i = tid; i < cnt; i += blockDim.x) {
+        const int64_t row = int64_t(j) * R * M + off + i;
+        const int tok = a.src_info[row];
+        if (tok < 0 || tok >= M) continue;
+        ll_port_put(s.handles, r, L.combine_slot(half, e, tok, M),
+                    L.half_base(half) + L.send_off + row * L.combine_msg, row_bytes);
+      }
+    }
+    __syncthreads();
+    if (tid == 0) {
+      ll_clean_prev(s, prev, j, r);
+      __threadfence_system();  // rows (and the clears) before the flag
+      const int64_t flag = L.combine_flag(half, e, E);
+      if (port) ll_port_add(s.handles, r, flag, 1);
+      else ll_direct_add(s_pbase[r], flag, 1);
+    }
+  }
+
+  __syncthreads();
+  ll_mark_send_end(s.state);
+
+  // ---------------------------------------------------------------- receive + reduce
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    if (tid < K) {
+      const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
+      int ok = -1;
+      if (e >= 0 && e < E) {
+        const WaitSite site{s.error, s.timeout_ns, s.rank, static_cast<int32_t>(e / LE),
+                            kPhaseCombineRecv};
+        ll_wait_signal(s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, site);
+        ok = static_cast<int>(e);
+      }
+      s_exp[tid] = ok;
+      s_w[tid] = a.topk_weights[int64_t(t) * K + tid];
+    }
+    __syncthreads();
+    uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * row_bytes);
+    for (int c = tid; c < nvec; c += blockDim.x) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const int e = s_exp[k];
+        if (e < 0) continue;
+        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(s.local + L.combine_slot(half, e, t, M)) + c);
+        const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+        const float w = s_w[k];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = __bfloat1622float2(h2[i]);
+          acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w));
+          acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w));
+        }
+      }
+      uint4 o;
+      __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o2[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+      out[c] = o;
+    }
+    __syncthreads();
+  }
+
+  if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
+  ll_finish_call(s.state, seq, 1);
+}
+
+}  // namespace
+
+cudaError_t ll_preload_combine() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, ll_combine_kernel);
+}
+
+void ll_launch_combine(const LlCombineArgs& a, int num_blocks, cudaStream_t stream) {
+  ll_combine_kernel<<<num_blocks, kThreads, 0, stream>>>(a);
+}
+
+}  // namespace jmep

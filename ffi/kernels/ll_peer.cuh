@@ -1,0 +1,96 @@
+// How the LL kernels reach a peer: the only place that touches the channel
+// layer's device handles. Memory channels (and self) give a plain pointer to
+// the peer's registered buffer, so kernels store 16-byte vectors straight over
+// NVLink; port channels take (dst offset, src offset, bytes) triggers that the
+// host proxy executes, so the data must first sit in our own registered buffer.
+#pragma once
+#include <cstdint>
+
+#include "channels/channel_device.cuh"
+
+// Port channels (and communicators) exist once the channel layer's headers do;
+// without them only directly addressable peers work (ll_p2p.cu, tests).
+#if __has_include("channels/port_channel_device.cuh") && \
+    __has_include("channels/memory_channel_device.cuh") && __has_include("channels/communicator.h")
+#define JMEP_LL_HAVE_CHANNELS 1
+#include "channels/memory_channel_device.cuh"
+#include "channels/port_channel_device.cuh"
+#else
+#define JMEP_LL_HAVE_CHANNELS 0
+#endif
+
+namespace jmep {
+
+struct ChannelDeviceHandle;  // defined by the channel layer
+
+enum LlPeerKind : int32_t { kLlSelf = 0, kLlMemory = 1, kLlPort = 2 };
+
+// Resolved once at registration (ll_peers_init) and kept in device memory.
+struct LlPeer {
+  char* base;     // peer's registered buffer as seen from this GPU; null for port peers
+  int32_t kind;   // LlPeerKind
+  int32_t pad;
+};
+
+// Port-channel operations (one thread each, in push order per channel).
+__device__ __forceinline__ void ll_port_put(ChannelDeviceHandle* h, int peer, uint64_t dst,
+                                            uint64_t src, uint64_t bytes) {
+#if JMEP_LL_HAVE_CHANNELS
+  h[peer].port.put(dst, src, bytes);
+#else
+  (void)h, (void)peer, (void)dst, (void)src, (void)bytes;
+  __trap();  // no port peers exist without the channel layer
+#endif
+}
+__device__ __forceinline__ void ll_port_add(ChannelDeviceHandle* h, int peer, uint64_t dst,
+                                            int64_t delta) {
+#if JMEP_LL_HAVE_CHANNELS
+  h[peer].port.atomicAdd(dst, delta);
+#else
+  (void)h, (void)peer, (void)dst, (void)delta;
+  __trap();
+#endif
+}
+
+// Signed add on a signal word we can address directly (self or NVLink peer).
+// The caller has already fenced the data it publishes (fence.sc.sys).
+__device__ __forceinline__ void ll_direct_add(char* base, int64_t off, int64_t delta) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(base + off),
+            static_cast<unsigned long long>(delta));
+}
+
+// True (after recording a timeout) once a wait that began at `start` should
+// give up: another wait already failed, or this one outlived the timeout.
+// The error record is host-mapped, so callers poll it only every few
+// thousand spins: reading it on every spin floods PCIe (and the port
+// channels' FIFO shares that link).
+__device__ __forceinline__ bool ll_wait_expired(uint64_t start, int64_t seen, const WaitSite& site) {
+  if (site.error != nullptr &&
+      *reinterpret_cast<volatile int32_t*>(&site.error->code) == kErrTimeout)
+    return true;
+  if (site.timeout_ns > 0 && globaltimer_ns() - start > static_cast<uint64_t>(site.timeout_ns)) {
+    record_error(site.error, kErrTimeout, site.rank, site.peer, site.phase,
+                 static_cast<uint64_t>(seen));
+    return true;
+  }
+  return false;
+}
+
+constexpr uint32_t kLlPollEvery = 4096;  // spins between timeout / abort checks
+
+// Spin on a local signal word until pred(value) holds. Returns the value seen
+// (0 on timeout, with the error recorded).
+template <typename Pred>
+__device__ __forceinline__ int64_t ll_wait_signal(const char* p, Pred pred, const WaitSite& site) {
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  int64_t v = static_cast<int64_t>(ld_acquire_sys(w));
+  if (pred(v)) return v;
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t it = 1;; ++it) {
+    v = static_cast<int64_t>(ld_acquire_sys(w));
+    if (pred(v)) return v;
+    if (it % kLlPollEvery == 0 && ll_wait_expired(start, v, site)) return 0;
+  }
+}
+
+}  // namespace jmep

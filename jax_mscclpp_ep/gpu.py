@@ -1,0 +1,185 @@
+"""GPU side of dispatch/combine: FFI targets, CUDA lowerings, per-Buffer device state.
+
+Imported by the package when the native module has CUDA. ``attach`` is what a
+``Buffer`` on GPUs calls: it creates the communicators (registered buffer +
+channels) of this process's GPUs and registers the LL state that the FFI
+handlers find by (buffer id, device ordinal) on every call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.interpreters import mlir
+
+from . import config as cfg
+from ._native import _ep
+from .primitives import combine_p, dispatch_p
+
+DISPATCH_TARGET = "jmep_ll_dispatch"
+COMBINE_TARGET = "jmep_ll_combine"
+
+_TARGETS = dict(_ep.ffi_targets())
+for _name, _capsule in _TARGETS.items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def _check_target(name: str, buffer_id) -> None:
+    if buffer_id is None or int(buffer_id) < 0:
+        raise ValueError("a jax_mscclpp_ep.Buffer is required on GPU: pass buffer=Buffer(config, "
+                         "mesh=...) to dispatch/combine (an EPConfig only runs the CPU reference)")
+    if name not in _TARGETS:
+        raise RuntimeError(f"this build of jax_mscclpp_ep has no {name} kernel (built without the "
+                           "channel layer or the XLA FFI headers)")
+
+
+def _check_hidden(h: int) -> None:
+    if h % cfg.GPU_HIDDEN_MULTIPLE or h > cfg.GPU_MAX_HIDDEN:
+        raise ValueError(f"the CUDA kernels need hidden to be a multiple of {cfg.GPU_HIDDEN_MULTIPLE} "
+                         f"and <= {cfg.GPU_MAX_HIDDEN}, got {h}")
+
+
+def _dispatch_lowering(ctx, x, topk_idx, stats, order, *, num_experts, max_tokens, num_ranks,
+                       axis_name, use_fp8, round_scale, buffer_id):
+    del num_ranks, axis_name
+    _check_target(DISPATCH_TARGET, buffer_id)
+    _check_hidden(ctx.avals_in[0].shape[1])
+    rule = jax.ffi.ffi_lowering(DISPATCH_TARGET, operand_output_aliases={2: 5, 3: 6})
+    return rule(ctx, x, topk_idx, stats, order, buffer_id=np.int64(buffer_id),
+                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens),
+                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
+
+
+def _combine_lowering(ctx, y, topk_idx, topk_weights, src_info, layout_range, order, *,
+                      num_experts, max_tokens, num_ranks, axis_name, buffer_id):
+    del num_ranks, axis_name
+    _check_target(COMBINE_TARGET, buffer_id)
+    _check_hidden(ctx.avals_in[0].shape[2])
+    rule = jax.ffi.ffi_lowering(COMBINE_TARGET, operand_output_aliases={5: 1})
+    return rule(ctx, y, topk_idx, topk_weights, src_info, layout_range, order,
+                buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
+                max_tokens=np.int64(max_tokens))
+
+
+mlir.register_lowering(dispatch_p, _dispatch_lowering, platform="cuda")
+mlir.register_lowering(combine_p, _combine_lowering, platform="cuda")
+
+
+# ---------------------------------------------------------------- device state
+
+def _env_force_port() -> bool:
+    return os.environ.get("JMEP_FORCE_PORT_CHANNELS", "0").strip().lower() not in ("", "0", "false")
+
+
+def _comm_device(comm, fallback: int) -> int:
+    d = getattr(comm, "device", None)
+    if callable(d):
+        d = d()
+    return fallback if d is None else int(d)
+
+
+def _barrier(name: str, timeout_s: float = 120.0) -> None:
+    """All processes reach this point (no-op in a single process)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+        return
+    me, n = jax.process_index(), jax.process_count()
+    client.key_value_set(f"{name}/{me}", "1")
+    for p in range(n):
+        client.blocking_key_value_get(f"{name}/{p}", int(timeout_s * 1000))
+
+
+class GpuState:
+    """The LL state of one Buffer on this process's GPUs."""
+
+    def __init__(self, buffer_id: int, comms, devices):
+        self.buffer_id = buffer_id
+        self.comms = comms
+        self.devices = devices  # CUDA ordinals, one per communicator
+
+    def check(self) -> None:
+        for dev in self.devices:
+            _ep.ll_check(self.buffer_id, dev)
+
+    def dropped(self) -> int:
+        """Expert ids outside [-1, E) seen so far (synchronises: for tests)."""
+        return sum(int(_ep.ll_dropped(self.buffer_id, dev)) for dev in self.devices)
+
+    def timing(self, reset: bool = False) -> dict:
+        """Mean kernel times (µs) booked on the device since the last reset, averaged over this
+        process's GPUs: dispatch/combine total and send phase (synchronises: benchmarks only)."""
+        rows = [list(_ep.ll_timing(self.buffer_id, dev, reset)) for dev in self.devices]
+        out = {}
+        for i, name in ((0, "dispatch"), (3, "combine")):
+            calls = sum(r[i] for r in rows)
+            if calls:
+                out[f"{name}_kernel"] = sum(r[i + 2] for r in rows) / calls / 1e3
+                out[f"{name}_kernel_send"] = sum(r[i + 1] for r in rows) / calls / 1e3
+        return out
+
+    def close(self) -> None:
+        for dev in self.devices:
+            _ep.ll_unregister(self.buffer_id, dev)
+        if self.comms:
+            from . import channels
+            channels.close_communicators(self.comms)  # after every process is done with them
+        self.comms = []
+
+
+def _use_p2p(force_port: bool) -> bool:
+    """Direct peer access instead of communicators (no channel layer, or JMEP_LL_P2P=1)."""
+    if os.environ.get("JMEP_LL_P2P", "0") not in ("", "0"):
+        return True
+    if _ep.ll_has_channels():
+        try:
+            from . import channels  # noqa: F401
+            return False
+        except ImportError:
+            pass
+    if force_port:
+        raise RuntimeError("force_port needs the channel layer, which this build lacks")
+    return True
+
+
+def attach(buffer, devices, num_ranks: int) -> GpuState:
+    """Create the communicators and LL state of ``buffer`` on this process's GPUs."""
+    c = buffer.config
+    _check_hidden(c.hidden)
+    force_port = _env_force_port() if buffer.force_port is None else bool(buffer.force_port)
+    devices = list(devices)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    if _use_p2p(force_port):
+        if jax.process_count() > 1 or len(local) != len(devices):
+            raise RuntimeError("without the channel layer, one process must drive every GPU of the "
+                               "EP group")
+        ordinals = [d.local_hardware_id for d in devices]
+        timeout = buffer.timeout_s if buffer.timeout_s is not None else float(
+            os.environ.get("JMEP_TIMEOUT_S", "30"))
+        _ep.ll_register_p2p(buffer.id, ordinals, c.max_tokens_per_rank, c.hidden, c.num_experts,
+                            float(timeout))
+        return GpuState(buffer.id, [], ordinals)
+
+    from . import channels
+    comms = channels.create_communicators(
+        c.size_hint(num_ranks), devices=devices, force_port=force_port,
+        timeout_s=buffer.timeout_s, namespace=f"jmep_ll_{buffer.id}")
+    ordinals = []
+    try:
+        for i, comm in enumerate(comms):
+            fallback = local[i].local_hardware_id if i < len(local) else i
+            dev = _comm_device(comm, fallback)
+            _ep.ll_register(buffer.id, comm, c.max_tokens_per_rank, c.hidden, c.num_experts)
+            ordinals.append(dev)
+    except BaseException:
+        for dev in ordinals:
+            _ep.ll_unregister(buffer.id, dev)
+        raise
+    # No rank may signal a peer before the peer's signal words are zeroed.
+    _barrier(f"jmep_ll_{buffer.id}_registered")
+    return GpuState(buffer.id, comms, ordinals)

@@ -1,0 +1,376 @@
+"""One rank (multi-process) or the whole EP group (single process) of the LL GPU tests.
+
+Run by tests/test_ll_gpu.py:
+  python tests/_ll_worker.py --mode single --seed S [--force-port]
+  python tests/_ll_worker.py --mode multi --pid I --port P --seed S [--force-port]
+Every process draws the same fresh data from --seed, runs the same sequence of
+collective calls, and checks the ranks it holds against the pure-JAX reference
+(computed on the CPU for all ranks). Prints PASS/FAIL per case; exit 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+
+def _args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["single", "multi"], required=True)
+    ap.add_argument("--pid", type=int, default=0)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--force-port", action="store_true")
+    ap.add_argument("--gpu", type=int, default=None,
+                    help="CUDA ordinal of this process's rank (default: --pid); two processes "
+                         "given the same GPU run as a loopback pair on one GPU")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the large-shape cases (used for the slow forced-port path)")
+    return ap.parse_args()
+
+
+ARGS = _args()
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+
+if ARGS.mode == "multi":
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{ARGS.port}",
+                               num_processes=ARGS.nproc, process_id=ARGS.pid,
+                               local_device_ids=[ARGS.pid if ARGS.gpu is None else ARGS.gpu])
+
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_mscclpp_ep as ep  # noqa: E402
+from jax_mscclpp_ep import testing  # noqa: E402
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+# JMEP_LL_WORKER_PLATFORM=cpu: dry run of this harness on 2 CPU devices (reference lowering).
+_PLATFORM = os.environ.get("JMEP_LL_WORKER_PLATFORM", "gpu")
+GPUS = sorted(jax.devices(_PLATFORM), key=lambda d: d.id)[:2 if _PLATFORM == "cpu" else None]
+R = len(GPUS)
+MESH = Mesh(np.array(GPUS), ("ep",))
+CPU = jax.devices("cpu")[0]
+RNG = np.random.default_rng(ARGS.seed)
+TAG = f"[{ARGS.mode}{'/port' if ARGS.force_port else '/mem'} p{ARGS.pid}]"
+
+
+def log(*a):
+    print(TAG, *a, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+def make_inputs(t, h, k, e, *, mask=0.2, idx_dtype=np.int32, kind="random"):
+    """x [R,T,H] bf16 (never zeros), topk_idx [R,T,K], weights [R,T,K] f32 > 0."""
+    x = (RNG.standard_normal((R, t, h)) * RNG.uniform(0.5, 4.0)).astype(ml_dtypes.bfloat16)
+    le = e // R
+    idx = np.full((R, t, k), -1, np.int64)
+    for r in range(R):
+        for tok in range(t):
+            if kind == "random":
+                idx[r, tok] = RNG.permutation(e)[:k]
+            elif kind == "one_expert":
+                idx[r, tok, 0] = 5 % e
+            elif kind == "remote":   # only experts of other ranks
+                other = (r + 1 + RNG.integers(0, max(R - 1, 1))) % R if R > 1 else r
+                idx[r, tok] = other * le + RNG.permutation(le)[:k]
+            elif kind == "local":
+                idx[r, tok] = r * le + RNG.permutation(le)[:k]
+            elif kind == "dups":     # repeated experts and out-of-range ids
+                idx[r, tok] = RNG.integers(-3, e + 3, size=k)
+            elif kind == "masked":
+                pass
+    if kind in ("random", "remote", "local"):
+        idx = np.where(RNG.random((R, t, k)) < mask, -1, idx)
+    w = RNG.uniform(0.1, 1.0, (R, t, k)).astype(np.float32)
+    return x, idx.astype(idx_dtype), w
+
+
+def put(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, NamedSharding(MESH, P("ep")), lambda i: a[i])
+
+
+def local(out):
+    """{rank: numpy} for the shards this process holds."""
+    return {GPUS.index(s.device): np.asarray(s.data)[0] for s in out.addressable_shards}
+
+
+def sharded(fn):
+    def body(*a):
+        out = fn(*[v[0] for v in a])
+        return jax.tree.map(lambda o: o[None], out)
+    return jax.jit(jax.shard_map(body, mesh=MESH, in_specs=P("ep"), out_specs=P("ep")))
+
+
+def y_of(recv_x, recv_scales, c, use_fp8):
+    """Expert 'output' for combine: the received row, dequantised, times a per-expert constant."""
+    rx = ep.dequantize(recv_x, recv_scales) if use_fp8 else recv_x.astype(F32)
+    return (rx * c[:, None, None]).astype(BF16)
+
+
+def step_fn(buf, use_fp8, round_scale):
+    le = buf.config.num_experts // R
+    m = buf.config.max_tokens_per_rank
+    h = buf.config.hidden
+
+    def fn(xs, ids, ws, cs):
+        res = ep.dispatch(xs, ids, buf, use_fp8=use_fp8, round_scale=round_scale,
+                          stats=jnp.zeros((le,), jnp.int32))
+        out = ep.combine(y_of(res.recv_x, res.recv_scales, cs, use_fp8), ids, ws, res.handle, buf)
+        sc = res.recv_scales if use_fp8 else jnp.zeros((le, R * m, 0), F32)
+        return (res.recv_x, sc, res.recv_count, res.handle.src_info, res.handle.layout_range,
+                res.stats, out)
+    del h
+    return sharded(fn)
+
+
+def expected(buf, x, idx, w, c, use_fp8, round_scale):
+    e, m = buf.config.num_experts, buf.config.max_tokens_per_rank
+    with jax.default_device(CPU):
+        ref = ep.reference.dispatch_global(jnp.asarray(x), jnp.asarray(idx), num_experts=e,
+                                           max_tokens=m, use_fp8=use_fp8, round_scale=round_scale)
+        y = jax.vmap(lambda a, b, cc: y_of(a, b, cc, use_fp8))(ref.recv_x, ref.recv_scales,
+                                                               jnp.asarray(c))
+        out = ep.reference.combine_global(y, jnp.asarray(idx), jnp.asarray(w), ref.src_info,
+                                          ref.layout_range, num_experts=e, max_tokens=m)
+        return jax.tree.map(np.asarray, ref), np.asarray(out)
+
+
+def check_step(buf, x, idx, w, *, use_fp8=False, round_scale=False, fn=None):
+    e, m = buf.config.num_experts, buf.config.max_tokens_per_rank
+    le = e // R
+    c = RNG.uniform(0.5, 2.0, (R, le)).astype(np.float32)
+    fn = fn or step_fn(buf, use_fp8, round_scale)
+    outs = fn(put(x), put(idx), put(w), put(c))
+    got = [local(o) for o in outs]
+    ref, out_ref = expected(buf, x, idx, w, c, use_fp8, round_scale)
+    for r in got[0]:
+        rx, sc, cnt, src, lr, stats, out = (g[r] for g in got)
+        have = testing.normalize_dispatch(rx, sc if use_fp8 else None, cnt, src, lr, m)
+        want = testing.normalize_dispatch(ref.recv_x[r], ref.recv_scales[r] if use_fp8 else None,
+                                          ref.recv_count[r], ref.src_info[r], ref.layout_range[r], m)
+        testing.assert_dispatch_equal(have, want)
+        np.testing.assert_array_equal(stats, cnt, "stats_out = stats + recv_count")
+        a = out.astype(np.float32)
+        b = out_ref[r].astype(np.float32)
+        assert np.all(np.isfinite(a)), "combine produced non-finite values"
+        np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-6, err_msg="combine")
+    buf.check()
+    return fn
+
+
+# ---------------------------------------------------------------- cases
+
+BUFFERS = {}
+
+
+def buffer(e, m, h):
+    key = (e, m, h)
+    if key not in BUFFERS:
+        BUFFERS[key] = ep.Buffer(ep.EPConfig(num_experts=e, max_tokens_per_rank=m, hidden=h),
+                                 mesh=MESH, axis_name="ep", force_port=ARGS.force_port,
+                                 timeout_s=20.0)
+    return BUFFERS[key]
+
+
+def case_size_hint():
+    from jax_mscclpp_ep import _native
+    for (m, h, e) in [(128, 7168, 256), (1, 128, 2), (1024, 8192, 1024), (37, 5120, 64)]:
+        assert _native._ep.ll_size_hint(m, h, R, e) == ep.size_hint(m, h, R, e), (m, h, e)
+
+
+def case_basic_bf16():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64))
+
+
+def case_basic_fp8():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64), use_fp8=True)
+
+
+def case_fp8_round_scale():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64), use_fp8=True,
+               round_scale=True)
+
+
+def case_t_less_than_m():
+    check_step(buffer(64, 128, 2048), *make_inputs(37, 2048, 8, 64), use_fp8=True)
+
+
+def case_t_zero():
+    check_step(buffer(64, 128, 2048), *make_inputs(0, 2048, 8, 64))
+
+
+def case_all_masked():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, kind="masked"), use_fp8=True)
+
+
+def case_one_expert():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, kind="one_expert"))
+
+
+def case_all_remote():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, kind="remote"), use_fp8=True)
+
+
+def case_all_local():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, kind="local"))
+
+
+def case_dups_and_bad_ids():
+    check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, kind="dups"))
+
+
+def case_hidden_sweep():
+    for h in (4096, 5120, 8192):
+        check_step(buffer(16, 128, h), *make_inputs(128, h, 8, 16), use_fp8=True)
+    check_step(buffer(16, 128, 8192), *make_inputs(128, 8192, 8, 16))
+
+
+def case_bench_shape():
+    """The benchmark's shape: M = T = 128, H = 7168, K = 8, E = 256, fp8 and bf16."""
+    check_step(buffer(256, 128, 7168), *make_inputs(128, 7168, 8, 256), use_fp8=True)
+    check_step(buffer(256, 128, 7168), *make_inputs(128, 7168, 8, 256))
+
+
+def case_big_e_k16():
+    check_step(buffer(1024, 32, 1024), *make_inputs(32, 1024, 16, 1024), use_fp8=True)
+
+
+def case_m1024():
+    check_step(buffer(64, 1024, 256), *make_inputs(1024, 256, 4, 64), use_fp8=True)
+
+
+def case_two_buffers():
+    a, b = buffer(64, 128, 2048), buffer(32, 64, 1024)
+    fa, fb = None, None
+    for _ in range(2):
+        fa = check_step(a, *make_inputs(128, 2048, 8, 64), fn=fa)
+        fb = check_step(b, *make_inputs(64, 1024, 4, 32), use_fp8=True, fn=fb)
+
+
+def case_vmap():
+    buf = buffer(64, 128, 2048)
+    le = 64 // R
+    x, idx, w = make_inputs(128, 2048, 8, 64)
+    x2, idx2, w2 = make_inputs(128, 2048, 8, 64)
+
+    def fn(xs, ids):
+        res = jax.vmap(lambda a, b: ep.dispatch(a, b, buf))(xs, ids)
+        return res.recv_x, res.recv_count, res.handle.src_info, res.handle.layout_range
+
+    f = sharded(lambda xs, ids: fn(xs, ids))
+    xb = np.stack([x, x2], axis=1)      # [R, 2, T, H]
+    ib = np.stack([idx, idx2], axis=1)
+    got = [local(o) for o in f(put(xb), put(ib))]
+    for bi, (xx, ii) in enumerate([(x, idx), (x2, idx2)]):
+        with jax.default_device(CPU):
+            ref = jax.tree.map(np.asarray, ep.reference.dispatch_global(
+                jnp.asarray(xx), jnp.asarray(ii), num_experts=64, max_tokens=128))
+        for r in got[0]:
+            rx, cnt, src, lr = (g[r][bi] for g in got)
+            testing.assert_dispatch_equal(
+                testing.normalize_dispatch(rx, None, cnt, src, lr, 128),
+                testing.normalize_dispatch(ref.recv_x[r], None, ref.recv_count[r],
+                                           ref.src_info[r], ref.layout_range[r], 128))
+    del le
+    buf.check()
+
+
+def case_loop_1000():
+    buf = buffer(64, 128, 2048)
+    le = 64 // R
+    x, idx, w = make_inputs(128, 2048, 8, 64)
+    c = RNG.uniform(0.5, 2.0, (R, le)).astype(np.float32)
+    steps = ARGS.steps
+
+    def fn(xs, ids, ws, cs):
+        def body(i, carry):
+            order, stats, acc = carry
+            res = ep.dispatch(xs, ids, buf, use_fp8=True, stats=stats, after=order)
+            out, order = ep.combine(y_of(res.recv_x, res.recv_scales, cs, True), ids, ws,
+                                    res.handle, buf, return_order=True)
+            return order, res.stats, acc + out.astype(F32)
+        vz = lambda shape, dt: jnp.zeros(shape, dt) + jnp.sum(ids[:0]).astype(dt)  # varying over ep
+        init = (vz((), jnp.int32), vz((le,), jnp.int32), vz(xs.shape, F32))
+        order, stats, acc = lax.fori_loop(0, steps, body, init)
+        return stats, acc
+
+    f = sharded(fn)
+    t0 = time.perf_counter()
+    stats, acc = (local(o) for o in f(put(x), put(idx), put(w), put(c)))
+    dt = time.perf_counter() - t0
+    ref, out_ref = expected(buf, x, idx, w, c, True, False)
+    for r in stats:
+        np.testing.assert_array_equal(stats[r], steps * ref.recv_count[r], "stats after loop")
+        np.testing.assert_allclose(acc[r] / steps, out_ref[r].astype(np.float32), rtol=2.0 ** -7,
+                                   atol=1e-5, err_msg="combine in loop")
+    log(f"loop of {steps} dispatch+combine steps: {dt:.2f} s incl. compile")
+    buf.check()
+
+
+CASES = [case_size_hint, case_basic_bf16, case_basic_fp8, case_fp8_round_scale,
+         case_t_less_than_m, case_t_zero, case_all_masked, case_one_expert, case_all_remote,
+         case_all_local, case_dups_and_bad_ids, case_two_buffers, case_vmap, case_loop_1000,
+         case_hidden_sweep, case_bench_shape, case_big_e_k16, case_m1024]
+
+
+def case_int64_x64():
+    """int64 topk_idx with jax_enable_x64 (layout_range becomes int64[LE, R])."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        check_step(buffer(64, 128, 2048), *make_inputs(128, 2048, 8, 64, idx_dtype=np.int64),
+                   use_fp8=True)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+CASES += [case_int64_x64]
+QUICK_SKIP = {"hidden_sweep", "bench_shape", "big_e_k16", "m1024"}
+
+
+def main():
+    log(f"R={R} devices={GPUS} seed={ARGS.seed}")
+    fails = ran = 0
+    for case in CASES:
+        name = case.__name__[5:]
+        if ARGS.only and name not in ARGS.only.split(","):
+            continue
+        if ARGS.quick and name in QUICK_SKIP:
+            continue
+        t0 = time.perf_counter()
+        ran += 1
+        try:
+            case()
+            log(f"PASS {name} ({time.perf_counter() - t0:.1f} s)")
+        except Exception:  # noqa: BLE001 - report every case
+            fails += 1
+            log(f"FAIL {name}\n{traceback.format_exc()}")
+    try:
+        for b in BUFFERS.values():
+            b.close()
+    except Exception:  # noqa: BLE001
+        fails += 1
+        log(f"FAIL close\n{traceback.format_exc()}")
+    log(f"SUMMARY {ran - fails} passed, {fails} failed")
+    if ARGS.mode == "multi" and ARGS.pid == 0:
+        time.sleep(3)  # the coordinator outlives the peers' last key-value reads
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)

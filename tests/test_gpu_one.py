@@ -1,0 +1,142 @@
+"""GPU tests run in this process on the GPUs it sees (one is enough; R = their
+number, at most 2): gradients through the kernels against the reference's
+gradients on CPU, the MoE layer against the dense model, expert ids outside
+[-1, E) counted and dropped, the examples with --gpu. Fresh random data."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_mscclpp_ep as ep
+from jax_mscclpp_ep import moe
+
+import _ep_util as u
+
+pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpus():
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return []
+    from jax_mscclpp_ep import _native
+    if not _native.cuda_enabled():
+        return []
+    return sorted(gpus, key=lambda d: d.id)[:2]
+
+
+@pytest.fixture(scope="module")
+def gpu_mesh():
+    gpus = _gpus()
+    if not gpus:
+        pytest.skip("needs a GPU and the CUDA build")
+    return Mesh(np.array(gpus), ("ep",))
+
+
+def _grads(mesh, buf, x, idx, w, w1, g):
+    """d/d(x, w, w1) of sum_ranks <g, combine(tanh(dispatch(x) @ w1), w)>."""
+    def body(x, idx, w, w1, g):
+        res = ep.dispatch(x[0], idx[0], buf)
+        hid = jnp.einsum("enh,ehf->enf", res.recv_x, w1[0].astype(jnp.bfloat16),
+                         preferred_element_type=jnp.float32)
+        y = jnp.tanh(hid).astype(jnp.bfloat16)
+        out = ep.combine(y, idx[0], w[0], res.handle, buf)
+        return jnp.sum(out.astype(jnp.float32) * g[0])[None]
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    loss = lambda x, w, w1, idx, g: jnp.sum(f(x, idx, w, w1, g))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))
+    args = [put(a) for a in (x, w, w1, idx, g)]
+    val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+    return float(val), [np.asarray(v) for v in grads]
+
+
+def test_gradients_match_reference(gpu_mesh):
+    r = gpu_mesh.size
+    t, h, k, e = 24, 256, 4, 8
+    rng, seed = u.fresh_rng()
+    x, idx, w = u.make_inputs(rng, r, t, h, k, e)
+    w1 = (rng.standard_normal((r, e // r, h, h)) / np.sqrt(h)).astype(np.float32)
+    g = rng.standard_normal((r, t, h)).astype(np.float32)
+    config = ep.EPConfig(e, t, h)
+    with ep.Buffer(config, mesh=gpu_mesh, axis_name="ep") as buf:
+        v_gpu, g_gpu = _grads(gpu_mesh, buf, x, idx, w, w1, g)
+        buf.check()
+    cpu_mesh = Mesh(np.array(jax.devices("cpu")[:r]), ("ep",))
+    with jax.default_device(jax.devices("cpu")[0]):
+        v_ref, g_ref = _grads(cpu_mesh, ep.Buffer(config, mesh=cpu_mesh, axis_name="ep"),
+                              x, idx, w, w1, g)
+    assert abs(v_gpu - v_ref) <= 1e-2 * max(abs(v_ref), 1.0), f"seed {seed}: loss {v_gpu} vs {v_ref}"
+    for name, a, b in zip(("x", "topk_weights", "w1"), g_gpu, g_ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert u.norm_rel_err(a, b) < 1e-2, f"seed {seed}: grad {name} norm rel err {u.norm_rel_err(a, b)}"
+
+
+def test_moe_layer_matches_dense(gpu_mesh):
+    r = gpu_mesh.size
+    hdim, f, e, k, n = 256, 128, 8, 2, 32 * r
+    rng, seed = u.fresh_rng()
+    params = moe.init_params(jax.random.key(int(rng.integers(1 << 31))), hdim, f, e, scale=2.0)
+    x = jnp.asarray(rng.standard_normal((n, hdim)), jnp.bfloat16)
+    c = jnp.asarray(rng.standard_normal((n, hdim)), jnp.float32)
+    with ep.Buffer(ep.EPConfig(e, n // r, hdim), mesh=gpu_mesh, axis_name="ep") as buf:
+        f_ep = moe.sharded_moe(gpu_mesh, buf, top_k=k)
+        out_ep = jax.jit(f_ep)(params, x)
+        g_ep = jax.jit(jax.grad(lambda p: jnp.sum(c * f_ep(p, x).astype(jnp.float32))))(params)
+        buf.check()
+    out_d = jax.jit(lambda p: moe.moe_dense(p, x, top_k=k))(params)
+    g_d = jax.jit(jax.grad(lambda p: jnp.sum(c * moe.moe_dense(p, x, top_k=k).astype(jnp.float32))))(params)
+    assert u.rel_err(out_ep, out_d) < 1e-2, f"seed {seed}: output rel err {u.rel_err(out_ep, out_d)}"
+    for key in ("router", "w_in", "w_out"):
+        assert u.norm_rel_err(g_ep[key], g_d[key]) < 2e-2, f"seed {seed}: grad {key} {u.norm_rel_err(g_ep[key], g_d[key])}"
+
+
+def test_bad_expert_ids_dropped_and_counted(gpu_mesh):
+    """Ids outside [-1, E) never reach memory: dropped like -1, counted on the device."""
+    r = gpu_mesh.size
+    t, h, k, e = 64, 128, 4, 8
+    rng, seed = u.fresh_rng()
+    x, idx, w = u.make_inputs(rng, r, t, h, k, e)
+    bad = rng.random(idx.shape) < 0.25
+    idx = np.where(bad, rng.choice([-7, -2, e, e + 1, 10 ** 6], size=idx.shape), idx).astype(np.int32)
+    n_bad = int(bad.sum())
+    with ep.Buffer(ep.EPConfig(e, t, h), mesh=gpu_mesh, axis_name="ep") as buf:
+        def body(x, idx):
+            res = ep.dispatch(x[0], idx[0], buf)
+            return res.recv_count[None]
+        f = jax.jit(jax.shard_map(body, mesh=gpu_mesh, in_specs=P("ep"), out_specs=P("ep")))
+        put = lambda a: jax.device_put(a, NamedSharding(gpu_mesh, P("ep")))
+        counts = np.asarray(f(put(x), put(idx)))
+        buf.check()
+        assert buf.dropped_ids() == n_bad, f"seed {seed}"
+    good = np.where((idx >= 0) & (idx < e), idx, -1)
+    want = np.zeros(e, np.int64)
+    for src in range(r):
+        for tok in range(t):
+            for ex in set(int(v) for v in good[src, tok] if v >= 0):
+                want[ex] += 1
+    np.testing.assert_array_equal(counts.reshape(-1), want, f"seed {seed}")
+
+
+@pytest.mark.parametrize("name,args,success", [
+    ("quickstart", ["--tokens", "32"], "OK: quickstart"),
+    ("decode_loop", ["--steps", "8"], "OK: decode loop matches the dense model"),
+    ("route_tokens", ["--tokens", "64"], "OK: expert-parallel MoE output"),
+    ("train_moe", ["--steps", "30"], "OK: EP training matches non-EP training"),
+])
+def test_example_on_gpu(gpu_mesh, name, args, success):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name + ".py"), "--gpu",
+                           *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode == 0 and success in proc.stdout, f"{name} --gpu failed:\n{out[-4000:]}"
