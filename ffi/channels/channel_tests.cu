@@ -19,11 +19,14 @@ void ck(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("channel test: ") + what + ": " + cudaGetErrorString(e));
 }
 
+void preload_test_kernels();
+
 struct Dev {
   int saved = -1;
   explicit Dev(int d) {
     cudaGetDevice(&saved);
     ck(cudaSetDevice(d), "cudaSetDevice");
+    preload_test_kernels();
   }
   ~Dev() {
     if (saved >= 0) cudaSetDevice(saved);
@@ -136,6 +139,23 @@ __global__ void k_barrier(ChannelDeviceHandle* hs, int rank, int nranks, int ite
       break;
     }
   if (threadIdx.x == 0) scratch[1] = globaltimer_ns() - t0;
+}
+
+// With CUDA lazy loading a kernel's first launch waits for the device to idle;
+// next to a peer's kernel spinning on this rank that never happens. So every
+// test kernel is loaded (on the current device) before the first launch.
+void preload_test_kernels() {
+  static thread_local uint64_t done = 0;  // bit per device ordinal
+  int d = 0;
+  cudaGetDevice(&d);
+  if (d < 64 && (done >> d & 1)) return;
+  cudaFuncAttributes a;
+  const void* fns[] = {reinterpret_cast<const void*>(k_put), reinterpret_cast<const void*>(k_signal),
+                       reinterpret_cast<const void*>(k_wait), reinterpret_cast<const void*>(k_flush),
+                       reinterpret_cast<const void*>(k_pingpong), reinterpret_cast<const void*>(k_atomic),
+                       reinterpret_cast<const void*>(k_barrier)};
+  for (const void* f : fns) ck(cudaFuncGetAttributes(&a, f), "load test kernel");
+  if (d < 64) done |= uint64_t(1) << d;
 }
 
 }  // namespace

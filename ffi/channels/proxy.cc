@@ -59,6 +59,7 @@ void Proxy::run() {
   int lo = 0, hi = 0;
   if (e == cudaSuccess) e = cudaDeviceGetStreamPriorityRange(&lo, &hi);
   if (e == cudaSuccess) e = cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, hi);
+  if (e == cudaSuccess) e = proxy_preload_kernels();
   if (e != cudaSuccess) {
     fail(std::string("setup: ") + cudaGetErrorString(e));
     ready_.store(true, std::memory_order_release);

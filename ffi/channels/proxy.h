@@ -51,6 +51,7 @@ class Proxy {
 };
 
 // One-thread kernels the proxy launches on its stream (proxy_kernels.cu).
+cudaError_t proxy_preload_kernels();
 cudaError_t proxy_launch_add(uint64_t* addr, int64_t delta, cudaStream_t s);
 cudaError_t proxy_launch_store(uint64_t* addr, uint64_t value, cudaStream_t s);
 

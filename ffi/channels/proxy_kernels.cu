@@ -19,6 +19,14 @@ __global__ void k_proxy_store(uint64_t* addr, uint64_t value) {
 
 }  // namespace
 
+// With CUDA lazy loading, a kernel's first launch loads it and that waits for
+// the device to idle, i.e. for the kernel spinning on this very proxy.
+cudaError_t proxy_preload_kernels() {
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, k_proxy_add);
+  return e == cudaSuccess ? cudaFuncGetAttributes(&attr, k_proxy_store) : e;
+}
+
 cudaError_t proxy_launch_add(uint64_t* addr, int64_t delta, cudaStream_t s) {
   k_proxy_add<<<1, 1, 0, s>>>(addr, delta);
   return cudaGetLastError();
