@@ -9,7 +9,7 @@ export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-200}
-STAGES=${STAGES:-"build channels ll grad bench"}
+STAGES=${STAGES:-"build channels ll grad sanitize bench"}
 {
 echo "== $(date -u +%T) start; stages: $STAGES"
 nvidia-smi -L
@@ -40,6 +40,18 @@ if [[ $STAGES == *grad* ]]; then
   echo "== $(date -u +%T) GPU gradients, MoE layer, examples"
   timeout ${GRAD_TIMEOUT:-200} pytest -q -rA -p no:cacheprovider -m gpu tests/test_gpu_one.py > "$OUT/grad_tests.txt" 2>&1
   grep -hE "PASS|FAIL|passed|failed|Error" "$OUT/grad_tests.txt" | head -40
+fi
+if [[ $STAGES == *sanitize* ]]; then
+  echo "== $(date -u +%T) compute-sanitizer memcheck: out-of-range expert ids, R = 1"
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -n "$CS" ]]; then
+    CUDA_VISIBLE_DEVICES=0 timeout ${SAN_TIMEOUT:-240} "$CS" --tool memcheck --error-exitcode 9 \
+      --log-file "$OUT/memcheck.txt" python3 tests/_ll_worker.py --mode single --seed $RANDOM \
+      --only dups_and_bad_ids,basic_fp8 > "$OUT/memcheck_worker.txt" 2>&1
+    echo "memcheck exit $?"; grep -E "PASS|FAIL|SUMMARY" "$OUT/memcheck_worker.txt"; tail -3 "$OUT/memcheck.txt"
+  else
+    echo "no compute-sanitizer on this machine"
+  fi
 fi
 if [[ $STAGES == *bench* ]]; then
   echo "== $(date -u +%T) benchmark (one GPU, R = 1)"

@@ -61,7 +61,7 @@ _PLATFORM = os.environ.get("JMEP_LL_WORKER_PLATFORM", "gpu")
 GPUS = sorted(jax.devices(_PLATFORM), key=lambda d: d.id)[:2 if _PLATFORM == "cpu" else None]
 R = len(GPUS)
 MESH = Mesh(np.array(GPUS), ("ep",))
-CPU = jax.devices("cpu")[0]
+CPU = jax.local_devices(backend="cpu")[0]  # jax.devices("cpu")[0] may belong to another process
 RNG = np.random.default_rng(ARGS.seed)
 TAG = f"[{ARGS.mode}{'/port' if ARGS.force_port else '/mem'} p{ARGS.pid}]"
 
@@ -338,13 +338,52 @@ def case_int64_x64():
 
 
 CASES += [case_int64_x64]
+
+
+def case_dead_peer():
+    """The last rank exits mid-loop; every other rank must report a timeout naming it
+    within timeout + a few seconds (not hang), and fail every later call clearly."""
+    tmo = 3.0
+    buf = ep.Buffer(ep.EPConfig(num_experts=64, max_tokens_per_rank=128, hidden=2048), mesh=MESH,
+                    axis_name="ep", force_port=ARGS.force_port, timeout_s=tmo)
+    x, idx, w = make_inputs(128, 2048, 8, 64, kind="remote")
+    c = RNG.uniform(0.5, 2.0, (R, 64 // R)).astype(np.float32)
+    f = step_fn(buf, True, False)
+    args = [put(a) for a in (x, idx, w, c)]
+    for _ in range(5):
+        jax.block_until_ready(f(*args))
+    buf.check()
+    if ARGS.pid == R - 1:
+        log("exiting on purpose (dead peer)")
+        os._exit(0)
+    t0, msg = time.perf_counter(), ""
+    try:
+        for _ in range(1000):
+            jax.block_until_ready(f(*args))
+            buf.check()
+    except Exception as e:  # noqa: BLE001 - the error is the point
+        msg = f"{type(e).__name__}: {e}"
+    dt = time.perf_counter() - t0
+    log(f"survivor saw after {dt:.1f} s: {msg}")
+    assert msg, "no error although the peer died"
+    assert f"peer {R - 1}" in msg and "timed out" in msg, f"unclear error: {msg}"
+    assert dt < tmo + 10, f"took {dt:.1f} s to report"
+    try:  # later calls fail at once with the same message, never hang
+        t1 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        raise AssertionError("a call on the failed Buffer succeeded")
+    except Exception as e:  # noqa: BLE001
+        assert "timed out" in str(e) and time.perf_counter() - t1 < 5, str(e)
+    log("PASS dead_peer")
+    sys.stdout.flush()
+    os._exit(0)  # the coordination service would abort on the dead task
 QUICK_SKIP = {"hidden_sweep", "bench_shape", "big_e_k16", "m1024"}
 
 
 def main():
     log(f"R={R} devices={GPUS} seed={ARGS.seed}")
     fails = ran = 0
-    for case in CASES:
+    for case in CASES + ([case_dead_peer] if ARGS.only == "dead_peer" else []):
         name = case.__name__[5:]
         if ARGS.only and name not in ARGS.only.split(","):
             continue

@@ -161,6 +161,21 @@ def test_ll_two_processes_one_gpu(path):
     _run(cmds, name=f"one_gpu_multi_{path}")
 
 
+@pytest.mark.parametrize("path", ["mem", "port"])
+@pytest.mark.parametrize("share", ["two_gpus", "one_gpu"])
+def test_ll_dead_peer_reported(path, share):
+    """Rank 1 exits mid-loop: rank 0 reports a timeout naming peer 1 within timeout + a
+    few seconds, and later calls on that Buffer fail at once with the same message."""
+    if (why := _skip_reason(gpus=2 if share == "two_gpus" else 1)) is not None:
+        pytest.skip(why)
+    seed, port = int.from_bytes(os.urandom(4), "little"), _free_port()
+    cmds = [[sys.executable, WORKER, "--mode", "multi", "--pid", str(pid), "--port", str(port),
+             "--seed", str(seed), "--only", "dead_peer"]
+            + (["--gpu", "0"] if share == "one_gpu" else [])
+            + (["--force-port"] if path == "port" else []) for pid in range(2)]
+    _run(cmds, name=f"dead_peer_{share}_{path}")
+
+
 def test_ll_size_hint_matches_config():
     if not _ll_built():
         pytest.skip("no CUDA LL build")

@@ -227,6 +227,9 @@ void Communicator::close() {
   if (saved >= 0) cudaSetDevice(saved);
 }
 
+std::string Communicator::proxy_error() const { return proxy_ ? proxy_->error() : std::string(); }
+bool Communicator::proxy_failed() const { return proxy_ && proxy_->failed(); }
+
 void Communicator::check_error() {
   std::string proxy_err = proxy_ ? proxy_->error() : std::string();
   if (err_host_ == nullptr) {

@@ -57,6 +57,9 @@ class Communicator {
   // Throws std::runtime_error naming rank/peer/phase if a kernel or the
   // proxy recorded an error, then resets the record.
   void check_error();
+  // The proxy thread's first failure ("" if none); proxy_failed() is cheap.
+  std::string proxy_error() const;
+  bool proxy_failed() const;
 
  private:
   void fail_if_closed() const;

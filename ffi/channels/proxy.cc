@@ -40,6 +40,7 @@ std::string Proxy::error() {
 void Proxy::fail(const std::string& what) {
   std::lock_guard<std::mutex> lock(mu_);
   if (error_.empty()) error_ = "port-channel proxy (device " + std::to_string(device_) + "): " + what;
+  failed_.store(true, std::memory_order_release);
 }
 
 void Proxy::write_sem(uint64_t* addr, uint64_t value) {

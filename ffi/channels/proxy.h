@@ -28,6 +28,7 @@ class Proxy {
         std::vector<ProxyPeer> peers);
   ~Proxy();  // stops the thread and drains the stream
   std::string error();  // first failure seen by the thread ("" if none)
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
 
  private:
   void run();
@@ -45,6 +46,7 @@ class Proxy {
   void* write_value_ = nullptr;  // cuStreamWriteValue64 driver entry point
   std::atomic<bool> stop_{false};
   std::atomic<bool> ready_{false};
+  std::atomic<bool> failed_{false};
   std::mutex mu_;
   std::string error_;
   std::thread thread_;

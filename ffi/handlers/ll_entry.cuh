@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <string>
 
 #include "kernels/ll_args.cuh"
 
@@ -18,7 +20,15 @@ struct LlEntry {
   int device = 0;
   int num_blocks = 0;
   void* dev_mem = nullptr;             // LlDeviceState + slot[E] + finish[E] + peers[R]
+  // First device-side error seen (timeout, FIFO stall): once set, the LL state
+  // (halves, counters) is undefined, so every later call fails with it.
+  std::mutex failure_mu;
+  std::string failure;
 };
+
+// The entry's failure message, recording it first if the device has reported
+// an error since (reads host-mapped memory: no synchronisation). Empty if none.
+std::string ll_failure(LlEntry& e);
 
 // Registered entry for (buffer id, device), or null. Thread-safe.
 LlEntry* ll_find(int64_t buffer_id, int device);

@@ -25,6 +25,9 @@ ffi::Error find_entry(int64_t buffer_id, int32_t device, LlEntry** out) {
     return ffi::Error::InvalidArgument(
         "no LL state for Buffer id " + std::to_string(buffer_id) + " on device " +
         std::to_string(device) + ": was the Buffer created on this device, or closed?");
+  // An earlier call that timed out left the state undefined: refuse, naming it.
+  // (Inside a replayed CUDA graph this host check does not run; Buffer.check() does.)
+  if (std::string f = ll_failure(**out); !f.empty()) return ffi::Error::Internal(f);
   return ffi::Error::Success();
 }
 

@@ -175,26 +175,59 @@ void ll_register(int64_t, std::shared_ptr<Communicator>, int64_t, int64_t, int64
 
 #endif
 
+namespace {
+
+const ErrorRecord* host_record(const LlEntry& e) {
+#if JMEP_LL_HAVE_CHANNELS
+  if (e.comm) return e.comm->error_record();
+#endif
+  return e.host_error;
+}
+
+std::string describe(const ErrorRecord& r) {
+  static const char* phases[] = {"none", "test", "barrier", "dispatch send", "dispatch receive",
+                                 "combine send", "combine receive", "proxy flush"};
+  const char* ph = (r.phase >= 0 && r.phase < 8) ? phases[r.phase] : "?";
+  const char* what = r.code == kErrTimeout       ? "timed out waiting for"
+                     : r.code == kErrFifoTimeout ? "timed out on the port-channel FIFO towards"
+                                                 : "failed with";
+  return "jax_mscclpp_ep: rank " + std::to_string(r.rank) + " " + what + " peer " +
+         std::to_string(r.peer) + " in " + ph + " (error code " + std::to_string(r.code) +
+         ", value seen " + std::to_string(r.detail) +
+         "). The results of that call are invalid and this Buffer's state is undefined: "
+         "close it and create a new Buffer (a peer may have died or stalled).";
+}
+
+}  // namespace
+
+std::string ll_failure(LlEntry& e) {
+  std::lock_guard<std::mutex> lock(e.failure_mu);
+  if (e.failure.empty()) {
+    const ErrorRecord* rec = host_record(e);
+    if (rec != nullptr) {
+      const volatile ErrorRecord* v = rec;
+      if (v->code != kErrOk) {
+        ErrorRecord r;
+        r.code = v->code;
+        r.rank = v->rank;
+        r.peer = v->peer;
+        r.phase = v->phase;
+        r.detail = v->detail;
+        e.failure = describe(r);
+      }
+    }
+  }
+#if JMEP_LL_HAVE_CHANNELS
+  if (e.failure.empty() && e.comm && e.comm->proxy_failed()) e.failure = e.comm->proxy_error();
+#endif
+  return e.failure;
+}
+
 void ll_check(int64_t buffer_id, int device) {
   LlEntry* e = ll_find(buffer_id, device);
   if (e == nullptr) throw std::runtime_error("no LL state for this buffer/device");
-#if JMEP_LL_HAVE_CHANNELS
-  if (e->comm) {
-    e->comm->check_error();
-    return;
-  }
-#endif
-  if (e->host_error != nullptr && e->host_error->code != kErrOk) {
-    const ErrorRecord r = *e->host_error;
-    e->host_error->code = kErrOk;
-    static const char* phases[] = {"none", "test", "barrier", "dispatch send", "dispatch receive",
-                                   "combine send", "combine receive", "proxy flush"};
-    const char* ph = (r.phase >= 0 && r.phase < 8) ? phases[r.phase] : "?";
-    throw std::runtime_error("jax_mscclpp_ep: device-side error " + std::to_string(r.code) +
-                             " (1 = timeout) on rank " + std::to_string(r.rank) + " waiting for peer " +
-                             std::to_string(r.peer) + " in " + ph + " (value seen " +
-                             std::to_string(r.detail) + ")");
-  }
+  const std::string f = ll_failure(*e);
+  if (!f.empty()) throw std::runtime_error(f);
 }
 
 bool ll_unregister(int64_t buffer_id, int device) {
