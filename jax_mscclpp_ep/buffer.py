@@ -8,8 +8,11 @@ by the buffer's id and their device ordinal.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import warnings
+import weakref
 
 import jax
 
@@ -19,8 +22,23 @@ _ids = itertools.count(1)
 _ids_lock = threading.Lock()
 
 
+_open_buffers: "weakref.WeakSet[Buffer]" = weakref.WeakSet()
+
+
 class BufferClosedError(RuntimeError):
     pass
+
+
+@atexit.register
+def _close_at_exit():
+    """Release proxy threads, IPC mappings and device memory of Buffers left open.
+    Registered after jax's own exit hooks, so it runs before jax.distributed shuts
+    down; peers that are already gone cost at most a few seconds, never a hang."""
+    for buf in sorted(_open_buffers, key=lambda b: b.id):  # the same order on every process
+        try:
+            buf.close(_barrier_timeout_s=5.0)
+        except Exception as e:  # noqa: BLE001 - exiting anyway: one line, no traceback
+            warnings.warn(f"jax_mscclpp_ep: closing {buf!r} at exit: {e}", RuntimeWarning)
 
 
 class Buffer:
@@ -59,6 +77,7 @@ class Buffer:
         if any(d.platform == "gpu" for d in devices):
             from . import gpu  # needs the CUDA build
             self._device_state = gpu.attach(self, devices, self.num_ranks)
+            _open_buffers.add(self)
 
     @property
     def closed(self) -> bool:
@@ -88,13 +107,16 @@ class Buffer:
             return None
         return self._device_state.dropped()
 
-    def close(self) -> None:
+    def close(self, *, _barrier_timeout_s: float = 120.0) -> None:
+        """Free the device state (every process of the EP group calls it: the ranks
+        wait for each other so no peer still writes into freed memory)."""
         if self._closed:
             return
         self._closed = True
+        _open_buffers.discard(self)
         if self._device_state is not None:
             state, self._device_state = self._device_state, None
-            state.close()
+            state.close(barrier_timeout_s=_barrier_timeout_s)
 
     def __enter__(self):
         return self

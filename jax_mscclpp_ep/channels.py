@@ -137,8 +137,13 @@ def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, ti
     return comms
 
 
-def close_communicators(comms, *, kv_timeout_s: float = 120.0) -> None:
-    """Close local communicators after every process is done with its peers."""
+def close_communicators(comms, *, kv_timeout_s: float = 120.0, namespace=None) -> None:
+    """Close local communicators after every process is done with its peers.
+
+    namespace: a name all processes agree on for this group (default: a counter,
+    which agrees when every process closes its groups in the same order). A peer
+    that never arrives costs kv_timeout_s; the local teardown happens regardless.
+    """
     comms = list(comms)
     if not comms:
         return
@@ -149,16 +154,23 @@ def close_communicators(comms, *, kv_timeout_s: float = 120.0) -> None:
         except RuntimeError as e:  # still tear down; report afterwards
             err = err or e
     import jax
-    if jax.process_count() > 1:
-        ns = f"jmep_channels_close/{next(_instance_counter)}"
-        _kv_barrier(_kv_client(), ns, jax.process_index(), jax.process_count(),
-                    int(kv_timeout_s * 1000))
+    multi = jax.process_count() > 1
+    ns = f"jmep_channels_close/{namespace or next(_instance_counter)}"
+    if multi:
+        try:
+            _kv_barrier(_kv_client(), ns, jax.process_index(), jax.process_count(),
+                        int(kv_timeout_s * 1000))
+        except Exception as e:  # noqa: BLE001 - a peer is gone: free our side anyway
+            err, multi = err or RuntimeError(f"jax_mscclpp_ep: peers did not reach close: {e}"), False
     for c in comms:
         c.close()
-    if jax.process_count() > 1:
+    if multi:
         # Peers' mappings of our buffers are gone too once everyone is here,
         # so the memory is really released on every rank.
-        _kv_barrier(_kv_client(), ns + "/done", jax.process_index(), jax.process_count(),
-                    int(kv_timeout_s * 1000))
+        try:
+            _kv_barrier(_kv_client(), ns + "/done", jax.process_index(), jax.process_count(),
+                        int(kv_timeout_s * 1000))
+        except Exception as e:  # noqa: BLE001
+            err = err or RuntimeError(f"jax_mscclpp_ep: peers did not finish close: {e}")
     if err is not None:
         raise err

@@ -123,12 +123,14 @@ class GpuState:
                 out[f"{name}_kernel_send"] = sum(r[i + 1] for r in rows) / calls / 1e3
         return out
 
-    def close(self) -> None:
+    def close(self, barrier_timeout_s: float = 120.0) -> None:
         for dev in self.devices:
             _ep.ll_unregister(self.buffer_id, dev)
         if self.comms:
             from . import channels
-            channels.close_communicators(self.comms)  # after every process is done with them
+            # after every process is done with them
+            channels.close_communicators(self.comms, kv_timeout_s=barrier_timeout_s,
+                                         namespace=f"jmep_ll_{self.buffer_id}")
         self.comms = []
 
 

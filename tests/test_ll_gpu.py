@@ -104,6 +104,7 @@ def _run(cmds, env=None, name="ll"):
     codes = [p.returncode for p in procs]
     assert all(c == 0 for c in codes), f"worker exit codes {codes}; tails:\n" + "\n".join(
         o[-4000:] for o in outs)
+    return outs
 
 
 @pytest.mark.parametrize("path", ["mem", "port", "p2p"])
@@ -174,6 +175,63 @@ def test_ll_dead_peer_reported(path, share):
             + (["--gpu", "0"] if share == "one_gpu" else [])
             + (["--force-port"] if path == "port" else []) for pid in range(2)]
     _run(cmds, name=f"dead_peer_{share}_{path}")
+
+
+# (mode, GPUs needed, steps): one process per rank unless "single"; "one_gpu" modes put
+# both ranks' processes on GPU 0 (time-sliced, hence fewer steps).
+LONG_MODES = {
+    "two_gpus_single": (2, 100_000), "two_gpus_multi": (2, 100_000),
+    "one_rank": (1, 100_000), "one_gpu_multi": (1, 10_000),
+}
+
+
+def _mode_cmds(mode, extra):
+    seed, port = int.from_bytes(os.urandom(4), "little"), _free_port()
+    if mode in ("two_gpus_single", "one_rank"):
+        return [[sys.executable, WORKER, "--mode", "single", "--seed", str(seed), *extra]], (
+            {"CUDA_VISIBLE_DEVICES": "0"} if mode == "one_rank" else None)
+    gpu = ["--gpu", "0"] if mode == "one_gpu_multi" else []
+    return [[sys.executable, WORKER, "--mode", "multi", "--pid", str(pid), "--port", str(port),
+             "--seed", str(seed), *gpu, *extra] for pid in range(2)], None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["mem", "port"])
+@pytest.mark.parametrize("mode", sorted(LONG_MODES))
+def test_ll_long_run(mode, path):
+    """Fresh random routing every step (random live tokens, masks, hot experts), the last
+    step of every 1,000 checked against the reference, no drift in memory/threads/fds."""
+    gpus, steps = LONG_MODES[mode]
+    if (why := _skip_reason(gpus=gpus)) is not None:
+        pytest.skip(why)
+    steps = int(os.environ.get("JMEP_LONG_STEPS", steps))
+    extra = ["--only", "long_run", "--steps", str(steps), "--chunk", str(min(1000, steps))]
+    cmds, env = _mode_cmds(mode, extra + (["--force-port"] if path == "port" else []))
+    _run(cmds, env=env, name=f"long_{mode}_{path}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["mem", "port"])
+@pytest.mark.parametrize("mode", ["one_rank", "one_gpu_multi", "two_gpus_multi"])
+def test_ll_create_destroy_100_buffers(mode, path):
+    if (why := _skip_reason(gpus=LONG_MODES[mode][0])) is not None:
+        pytest.skip(why)
+    extra = ["--only", "create_destroy", "--steps", "100"]
+    cmds, env = _mode_cmds(mode, extra + (["--force-port"] if path == "port" else []))
+    _run(cmds, env=env, name=f"create_destroy_{mode}_{path}")
+
+
+@pytest.mark.parametrize("path", ["mem", "port"])
+@pytest.mark.parametrize("mode", ["one_rank", "one_gpu_multi", "two_gpus_multi"])
+def test_ll_exit_without_close_is_clean(mode, path):
+    """Buffers left open are closed at interpreter exit: exit code 0, no traceback."""
+    if (why := _skip_reason(gpus=LONG_MODES[mode][0])) is not None:
+        pytest.skip(why)
+    extra = ["--only", "exit_without_close"] + (["--force-port"] if path == "port" else [])
+    cmds, env = _mode_cmds(mode, extra)
+    outs = _run(cmds, env=env, name=f"exit_{mode}_{path}")
+    for out in outs:
+        assert "Traceback" not in out and "RuntimeWarning" not in out, out[-3000:]
 
 
 def test_ll_size_hint_matches_config():
