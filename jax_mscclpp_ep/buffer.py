@@ -117,6 +117,11 @@ class Buffer:
         if self._device_state is not None:
             state, self._device_state = self._device_state, None
             state.close(barrier_timeout_s=_barrier_timeout_s)
+            # Executables compiled for this Buffer may sit in CUDA graphs that replay its
+            # kernels without asking the FFI handler (which would refuse): drop them, so a
+            # later call re-traces and fails with BufferClosedError instead of touching
+            # freed memory. (An AOT-compiled object kept by the caller is not covered.)
+            jax.clear_caches()
 
     def __enter__(self):
         return self

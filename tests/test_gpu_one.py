@@ -140,3 +140,29 @@ def test_example_on_gpu(gpu_mesh, name, args, success):
     out = proc.stdout + proc.stderr
     print(out[-3000:])
     assert proc.returncode == 0 and success in proc.stdout, f"{name} --gpu failed:\n{out[-4000:]}"
+
+
+def test_unsupported_hidden_rejected_at_buffer_creation(gpu_mesh):
+    for h in (8320, 200):
+        with pytest.raises(ValueError, match=rf"multiple of 128 and <= 8192, got {h}"):
+            ep.Buffer(ep.EPConfig(8, 16, h), mesh=gpu_mesh, axis_name="ep")
+
+
+def test_closed_buffer_fails_clearly_inside_compiled_function(gpu_mesh):
+    """A jitted function compiled for a Buffer keeps no dangling state after close():
+    running it again raises (BufferClosedError on re-trace, or the FFI handler's
+    "no LL state ... closed?"), instead of touching freed memory."""
+    r = gpu_mesh.size
+    rng, _ = u.fresh_rng()
+    x, idx, _ = u.make_inputs(rng, r, 16, 256, 2, 8)
+    buf = ep.Buffer(ep.EPConfig(8, 16, 256), mesh=gpu_mesh, axis_name="ep")
+    f = jax.jit(jax.shard_map(lambda a, b: ep.dispatch(a[0], b[0], buf).recv_count[None],
+                              mesh=gpu_mesh, in_specs=P("ep"), out_specs=P("ep")))
+    put = lambda a: jax.device_put(a, NamedSharding(gpu_mesh, P("ep")))
+    args = (put(x), put(idx))
+    jax.block_until_ready(f(*args))
+    buf.close()
+    with pytest.raises(Exception, match="closed"):
+        jax.block_until_ready(f(*args))
+    with pytest.raises(ep.BufferClosedError):
+        buf.check()
