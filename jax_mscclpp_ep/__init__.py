@@ -12,6 +12,9 @@ from .buffer import Buffer, BufferClosedError
 from .config import EPConfig, size_hint
 from .primitives import combine_p, dispatch_p
 from .reference import dequantize, fp8_cast, unpack_layout
+from .split import (PendingCombine, PendingDispatch, combine_recv, combine_send, dispatch_recv,
+                    dispatch_send)
+from . import moe
 
 __version__ = "0.1.0"
 
@@ -23,5 +26,6 @@ if cuda_enabled() and _ilu.find_spec(__name__ + ".gpu") is not None:
 __all__ = [
     "Buffer", "BufferClosedError", "DispatchHandle", "DispatchResult", "EPConfig", "combine",
     "combine_p", "config", "cuda_enabled", "dequantize", "dispatch", "dispatch_p", "fp8_cast",
-    "native_version", "reference", "size_hint", "unpack_layout",
+    "native_version", "reference", "size_hint", "unpack_layout", "dispatch_send", "dispatch_recv",
+    "combine_send", "combine_recv", "PendingDispatch", "PendingCombine", "moe",
 ]

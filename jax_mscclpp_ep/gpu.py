@@ -8,6 +8,7 @@ handlers find by (buffer id, device ordinal) on every call.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -17,9 +18,13 @@ from jax.interpreters import mlir
 from . import config as cfg
 from ._native import _ep
 from .primitives import combine_p, dispatch_p
+from .split import combine_recv_p, combine_send_p, dispatch_recv_p, dispatch_send_p
 
 DISPATCH_TARGET = "jmep_ll_dispatch"
 COMBINE_TARGET = "jmep_ll_combine"
+DISPATCH_SEND_TARGET = "jmep_ll_dispatch_send"
+COMBINE_SEND_TARGET = "jmep_ll_combine_send"
+_PHASES_BOTH, _PHASES_RECV = 3, 2  # kLlPhaseBoth / kLlPhaseRecv in ll_args.cuh
 
 _TARGETS = dict(_ep.ffi_targets())
 for _name, _capsule in _TARGETS.items():
@@ -42,29 +47,58 @@ def _check_hidden(h: int) -> None:
 
 
 def _dispatch_lowering(ctx, x, topk_idx, stats, order, *, num_experts, max_tokens, num_ranks,
-                       axis_name, use_fp8, round_scale, buffer_id):
+                       axis_name, use_fp8, round_scale, buffer_id, phases=_PHASES_BOTH):
     del num_ranks, axis_name
     _check_target(DISPATCH_TARGET, buffer_id)
     _check_hidden(ctx.avals_in[0].shape[1])
     rule = jax.ffi.ffi_lowering(DISPATCH_TARGET, operand_output_aliases={2: 5, 3: 6})
     return rule(ctx, x, topk_idx, stats, order, buffer_id=np.int64(buffer_id),
                 num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens),
-                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
+                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)),
+                phases=np.int64(phases))
 
 
 def _combine_lowering(ctx, y, topk_idx, topk_weights, src_info, layout_range, order, *,
-                      num_experts, max_tokens, num_ranks, axis_name, buffer_id):
+                      num_experts, max_tokens, num_ranks, axis_name, buffer_id,
+                      phases=_PHASES_BOTH):
     del num_ranks, axis_name
     _check_target(COMBINE_TARGET, buffer_id)
     _check_hidden(ctx.avals_in[0].shape[2])
     rule = jax.ffi.ffi_lowering(COMBINE_TARGET, operand_output_aliases={5: 1})
     return rule(ctx, y, topk_idx, topk_weights, src_info, layout_range, order,
                 buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
-                max_tokens=np.int64(max_tokens))
+                max_tokens=np.int64(max_tokens), phases=np.int64(phases))
+
+
+def _dispatch_send_lowering(ctx, x, topk_idx, order, *, num_experts, max_tokens, num_ranks,
+                            axis_name, use_fp8, round_scale, buffer_id):
+    del num_ranks, axis_name
+    _check_target(DISPATCH_SEND_TARGET, buffer_id)
+    _check_hidden(ctx.avals_in[0].shape[1])
+    rule = jax.ffi.ffi_lowering(DISPATCH_SEND_TARGET, operand_output_aliases={2: 0})
+    return rule(ctx, x, topk_idx, order, buffer_id=np.int64(buffer_id),
+                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens),
+                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
+
+
+def _combine_send_lowering(ctx, y, src_info, layout_range, order, *, num_experts, max_tokens,
+                           num_ranks, axis_name, buffer_id):
+    del num_ranks, axis_name
+    _check_target(COMBINE_SEND_TARGET, buffer_id)
+    _check_hidden(ctx.avals_in[0].shape[2])
+    rule = jax.ffi.ffi_lowering(COMBINE_SEND_TARGET, operand_output_aliases={3: 0})
+    return rule(ctx, y, src_info, layout_range, order, buffer_id=np.int64(buffer_id),
+                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens))
 
 
 mlir.register_lowering(dispatch_p, _dispatch_lowering, platform="cuda")
 mlir.register_lowering(combine_p, _combine_lowering, platform="cuda")
+mlir.register_lowering(dispatch_send_p, _dispatch_send_lowering, platform="cuda")
+mlir.register_lowering(combine_send_p, _combine_send_lowering, platform="cuda")
+mlir.register_lowering(dispatch_recv_p, functools.partial(_dispatch_lowering, phases=_PHASES_RECV),
+                       platform="cuda")
+mlir.register_lowering(combine_recv_p, functools.partial(_combine_lowering, phases=_PHASES_RECV),
+                       platform="cuda")
 
 
 # ---------------------------------------------------------------- device state

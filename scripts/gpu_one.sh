@@ -9,7 +9,7 @@ export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-200}
-STAGES=${STAGES:-"build channels ll grad sanitize bench"}
+STAGES=${STAGES:-"build channels ll grad sanitize bench overlap"}
 {
 echo "== $(date -u +%T) start; stages: $STAGES"
 nvidia-smi -L
@@ -56,6 +56,10 @@ fi
 if [[ $STAGES == *bench* ]]; then
   echo "== $(date -u +%T) benchmark (one GPU, R = 1)"
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_ll.py --out "$OUT/ll_one_gpu" ${BENCH_ARGS:-} 2>&1 | tail -40
+fi
+if [[ $STAGES == *overlap* ]]; then
+  echo "== $(date -u +%T) two micro-batches: whole calls vs split halves"
+  timeout ${OVERLAP_TIMEOUT:-200} python3 benchmarks/bench_overlap.py --out "$OUT/overlap_one_gpu" 2>&1 | tail -5
 fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"

@@ -138,6 +138,26 @@ def step_fn(buf, use_fp8, round_scale):
     return sharded(fn)
 
 
+def split_step_fn(buf, use_fp8):
+    """step_fn through the split halves, two micro-batches' worth of work in between."""
+    le = buf.config.num_experts // R
+    m = buf.config.max_tokens_per_rank
+
+    def fn(xs, ids, ws, cs):
+        pend = ep.dispatch_send(xs, ids, buf, use_fp8=use_fp8, stats=jnp.zeros((le,), jnp.int32))
+        busy = jnp.tanh(xs.astype(F32) @ xs.astype(F32).T).sum()  # work between the halves
+        res = ep.dispatch_recv(pend)
+        pc = ep.combine_send(y_of(res.recv_x, res.recv_scales, cs, use_fp8), ids, ws, res.handle,
+                             buf)
+        busy = busy + jnp.tanh(ws @ ws.T).sum()
+        out = ep.combine_recv(pc)
+        sc = res.recv_scales if use_fp8 else jnp.zeros((le, R * m, 0), F32)
+        out = out + (busy * 0).astype(BF16)
+        return (res.recv_x, sc, res.recv_count, res.handle.src_info, res.handle.layout_range,
+                res.stats, out)
+    return sharded(fn)
+
+
 def expected(buf, x, idx, w, c, use_fp8, round_scale):
     e, m = buf.config.num_experts, buf.config.max_tokens_per_rank
     with jax.default_device(CPU):
@@ -254,6 +274,15 @@ def case_m1024():
     check_step(buffer(64, 1024, 256), *make_inputs(1024, 256, 4, 64), use_fp8=True)
 
 
+def case_split_halves():
+    """dispatch_send/recv and combine_send/recv give exactly the whole calls' results."""
+    buf = buffer(64, 128, 2048)
+    for use_fp8 in (False, True):
+        f = split_step_fn(buf, use_fp8)
+        for _ in range(2):
+            check_step(buf, *make_inputs(128, 2048, 8, 64), use_fp8=use_fp8, fn=f)
+
+
 def case_two_buffers():
     a, b = buffer(64, 128, 2048), buffer(32, 64, 1024)
     fa, fb = None, None
@@ -324,7 +353,8 @@ def case_loop_1000():
 
 CASES = [case_size_hint, case_basic_bf16, case_basic_fp8, case_fp8_round_scale,
          case_t_less_than_m, case_t_zero, case_all_masked, case_one_expert, case_all_remote,
-         case_all_local, case_dups_and_bad_ids, case_two_buffers, case_vmap, case_loop_1000,
+         case_all_local, case_dups_and_bad_ids, case_split_halves, case_two_buffers, case_vmap,
+         case_loop_1000,
          case_hidden_sweep, case_bench_shape, case_big_e_k16, case_m1024]
 
 

@@ -50,6 +50,8 @@ void bind_ll(nb::module_& m) {
     nb::dict d;
     if (void* p = ll_dispatch_handler()) d["jmep_ll_dispatch"] = nb::capsule(p);
     if (void* p = ll_combine_handler()) d["jmep_ll_combine"] = nb::capsule(p);
+    if (void* p = ll_dispatch_send_handler()) d["jmep_ll_dispatch_send"] = nb::capsule(p);
+    if (void* p = ll_combine_send_handler()) d["jmep_ll_combine_send"] = nb::capsule(p);
     return d;
   });
 }

@@ -10,57 +10,10 @@
 #include "handlers/ll_registry.h"
 
 #if defined(JMEP_HAVE_XLA_FFI)
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "handlers/ll_ffi_checks.h"
 
 namespace jmep {
 namespace {
-
-ffi::Error find_entry(int64_t buffer_id, int32_t device, LlEntry** out) {
-  if (buffer_id < 0)
-    return ffi::Error::InvalidArgument("a jax_mscclpp_ep.Buffer is required on GPU");
-  *out = ll_find(buffer_id, device);
-  if (*out == nullptr)
-    return ffi::Error::InvalidArgument(
-        "no LL state for Buffer id " + std::to_string(buffer_id) + " on device " +
-        std::to_string(device) + ": was the Buffer created on this device, or closed?");
-  // An earlier call that timed out left the state undefined: refuse, naming it.
-  // (Inside a replayed CUDA graph this host check does not run; Buffer.check() does.)
-  if (std::string f = ll_failure(**out); !f.empty()) return ffi::Error::Internal(f);
-  return ffi::Error::Success();
-}
-
-ffi::Error check_static(const LlEntry& e, int64_t num_experts, int64_t max_tokens) {
-  if (num_experts != e.st.num_experts || max_tokens != e.st.max_tokens)
-    return ffi::Error::InvalidArgument("dispatch/combine shape does not match the Buffer's config");
-  return ffi::Error::Success();
-}
-
-ffi::Error check_topk(ffi::AnyBuffer idx, int64_t tokens, int32_t* k, bool* idx64) {
-  auto d = idx.dimensions();
-  if (d.size() != 2 || d[0] != tokens || d[1] < 1 || d[1] > kLlMaxTopk)
-    return ffi::Error::InvalidArgument("topk_idx must be [T, K] with 1 <= K <= 16");
-  if (idx.element_type() != ffi::DataType::S32 && idx.element_type() != ffi::DataType::S64)
-    return ffi::Error::InvalidArgument("topk_idx must be int32 or int64");
-  *k = static_cast<int32_t>(d[1]);
-  *idx64 = idx.element_type() == ffi::DataType::S64;
-  return ffi::Error::Success();
-}
-
-// XLA normally has the stream's device current already; make sure of it, since
-// a launch on another device's stream fails.
-void ensure_device(int device) {
-  int cur = -1;
-  if (cudaGetDevice(&cur) == cudaSuccess && cur != device) cudaSetDevice(device);
-}
-
-ffi::Error launched() {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("LL kernel launch: ") +
-                                                      cudaGetErrorString(err));
-  return ffi::Error::Success();
-}
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::AnyBuffer topk_idx, ffi::Buffer<ffi::S32> stats,
@@ -72,7 +25,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Result<ffi::Buffer<ffi::S32>> stats_out,
                         ffi::Result<ffi::Buffer<ffi::S32>> order_out, int64_t buffer_id,
                         int64_t num_experts, int64_t max_tokens, int64_t use_fp8,
-                        int64_t round_scale) {
+                        int64_t round_scale, int64_t phases) {
   LlEntry* e = nullptr;
   if (auto err = find_entry(buffer_id, device, &e); err.failure()) return err;
   if (auto err = check_static(*e, num_experts, max_tokens); err.failure()) return err;
@@ -102,6 +55,9 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.num_tokens = static_cast<int32_t>(xd[0]);
   a.use_fp8 = use_fp8 != 0;
   a.round_scale = round_scale != 0;
+  if (phases != kLlPhaseBoth && phases != kLlPhaseRecv)
+    return ffi::Error::InvalidArgument("dispatch: phases must be 3 (whole call) or 2 (receive half)");
+  a.phases = static_cast<int32_t>(phases);
   ensure_device(e->device);
   ll_launch_dispatch(a, e->num_blocks, stream);
   return launched();
@@ -112,7 +68,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::S32> src_info, ffi::AnyBuffer layout_range,
                        ffi::Buffer<ffi::S32> order, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::S32>> order_out, int64_t buffer_id,
-                       int64_t num_experts, int64_t max_tokens) {
+                       int64_t num_experts, int64_t max_tokens, int64_t phases) {
   LlEntry* e = nullptr;
   if (auto err = find_entry(buffer_id, device, &e); err.failure()) return err;
   if (auto err = check_static(*e, num_experts, max_tokens); err.failure()) return err;
@@ -138,6 +94,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.out = out->untyped_data();
   a.order_out = order_out->typed_data();
   a.num_tokens = static_cast<int32_t>(od[0]);
+  if (phases != kLlPhaseBoth && phases != kLlPhaseRecv)
+    return ffi::Error::InvalidArgument("combine: phases must be 3 (whole call) or 2 (receive half)");
+  a.phases = static_cast<int32_t>(phases);
   ensure_device(e->device);
   ll_launch_combine(a, e->num_blocks, stream);
   return launched();
@@ -165,7 +124,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("num_experts")
         .Attr<int64_t>("max_tokens")
         .Attr<int64_t>("use_fp8")
-        .Attr<int64_t>("round_scale"),
+        .Attr<int64_t>("round_scale")
+        .Attr<int64_t>("phases"),
     {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -183,7 +143,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::S32>>()   // order_out (aliases order)
         .Attr<int64_t>("buffer_id")
         .Attr<int64_t>("num_experts")
-        .Attr<int64_t>("max_tokens"),
+        .Attr<int64_t>("max_tokens")
+        .Attr<int64_t>("phases"),
     {ffi::Traits::kCmdBufferCompatible});
 
 void* ll_dispatch_handler() { return reinterpret_cast<void*>(&jmep_ll_dispatch_ffi); }

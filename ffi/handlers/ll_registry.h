@@ -38,5 +38,9 @@ std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset);
 // The XLA FFI handlers (XLA_FFI_Handler*), for nanobind capsules.
 void* ll_dispatch_handler();
 void* ll_combine_handler();
+// Send halves of the split API (ll_ffi_split.cu); the receive halves are the
+// handlers above with phases = 2.
+void* ll_dispatch_send_handler();
+void* ll_combine_send_handler();
 
 }  // namespace jmep

@@ -42,6 +42,11 @@ struct LlStatic {
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
 };
 
+// A call runs both halves; the split API runs the send half (data out, counts
+// or flags published) and, later in the stream, the receive half, which also
+// flips the buffer's half. Nothing else may use the Buffer in between.
+constexpr int32_t kLlPhaseSend = 1, kLlPhaseRecv = 2, kLlPhaseBoth = 3;
+
 struct LlDispatchArgs {
   LlStatic s;
   const void* x;            // [T, H] bf16
@@ -56,6 +61,7 @@ struct LlDispatchArgs {
   int32_t* stats_out;
   int32_t* order_out;
   int32_t num_tokens, topk;
+  int32_t phases;  // kLlPhaseSend | kLlPhaseRecv: split halves run one each
   bool idx64, use_fp8, round_scale;
 };
 
@@ -70,6 +76,7 @@ struct LlCombineArgs {
   void* out;                   // [T, H] bf16
   int32_t* order_out;
   int32_t num_tokens, topk;
+  int32_t phases;  // kLlPhaseSend | kLlPhaseRecv
   bool idx64;
 };
 

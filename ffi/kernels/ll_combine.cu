@@ -28,7 +28,9 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   const int seq = *reinterpret_cast<volatile int32_t*>(&s.state->seq);
   const int half = seq & 1, prev = half ^ 1;
-  ll_mark_start(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
+  const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
+  const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
   for (int p = tid; p < R; p += blockDim.x) {
     s_pbase[p] = s.peers[p].base;
     s_kind[p] = s.peers[p].kind;
@@ -39,7 +41,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   const char* y = static_cast<const char*>(a.y);
 
   // ---------------------------------------------------------------- send
-  for (int q = blockIdx.x; q < LE * R; q += gridDim.x) {
+  for (int q = blockIdx.x; q < send_blocks; q += gridDim.x) {
     const int j = q / R, r = q % R;
     const int64_t lr = a.layout_range[q];
     int off = static_cast<int>(lr >> 32), cnt = static_cast<int>(lr & 0xffffffff);
@@ -84,10 +86,10 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   }
 
   __syncthreads();
-  ll_mark_send_end(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
 
   // ---------------------------------------------------------------- receive + reduce
-  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+  for (int t = blockIdx.x; t < recv_tokens; t += gridDim.x) {
     if (tid < K) {
       const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int ok = -1;
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   }
 
   if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
-  ll_finish_call(s.state, seq, 1);
+  if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 1);
 }
 
 }  // namespace

@@ -47,18 +47,21 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   const int seq = *reinterpret_cast<volatile int32_t*>(&s.state->seq);
   const int half = seq & 1, prev = half ^ 1;
-  ll_mark_start(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   for (int p = tid; p < R; p += blockDim.x) {
     s_pbase[p] = s.peers[p].base;
     s_kind[p] = s.peers[p].kind;
   }
+  const int send_tokens = (a.phases & kLlPhaseSend) ? T : 0;
+  const int send_experts = (a.phases & kLlPhaseSend) ? E : 0;
+  const int recv_experts = (a.phases & kLlPhaseRecv) ? LE : 0;
   const int64_t payload = a.use_fp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
   const int64_t msg_bytes = kLlHeaderBytes + payload;
   const char* x = static_cast<const char*>(a.x);
   __syncthreads();
 
   // ---------------------------------------------------------------- send
-  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+  for (int t = blockIdx.x; t < send_tokens; t += gridDim.x) {
     if (tid < K) {
       const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int dst = -1;
@@ -143,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   }
 
   // ---------------------------------------------------------------- publish counts
-  for (int e = blockIdx.x; e < E; e += gridDim.x) {
+  for (int e = blockIdx.x; e < send_experts; e += gridDim.x) {
     int expected = 0;
     for (int t0 = 0; t0 < T; t0 += blockDim.x) {
       const int t = t0 + tid;
@@ -168,10 +171,10 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   }
 
   __syncthreads();
-  ll_mark_send_end(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
 
   // ---------------------------------------------------------------- receive
-  for (int j = blockIdx.x; j < LE; j += gridDim.x) {
+  for (int j = blockIdx.x; j < recv_experts; j += gridDim.x) {
     for (int r = tid; r < R; r += blockDim.x) {
       const WaitSite site{s.error, s.timeout_ns, s.rank, r, kPhaseDispatchRecv};
       const int64_t v = ll_wait_signal(s.local + L.dispatch_counter(half, j, r, R),
@@ -216,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   }
 
   if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
-  ll_finish_call(s.state, seq, 0);
+  if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 0);
 }
 
 #if JMEP_LL_HAVE_CHANNELS
