@@ -15,8 +15,7 @@ import itertools
 import os
 
 from . import _native
-
-DEFAULT_TIMEOUT_S = 30.0
+from .config import DEFAULT_TIMEOUT_S
 _instance_counter = itertools.count()
 
 

@@ -19,6 +19,10 @@ MAX_TOKENS_PER_RANK = 1024
 FP8_BLOCK = 128  # channels per fp8 scale
 # The CUDA kernels need H % 128 == 0 and H <= 8192 (checked in the GPU lowering).
 GPU_MAX_HIDDEN = 8192
+# Device-side waits give up after this long (JMEP_TIMEOUT_S / Buffer(timeout_s=)).
+# Generous, like DeepEP's: in a multi-process job one rank may enter its first call
+# while a peer is still compiling, and that must not count as a dead peer.
+DEFAULT_TIMEOUT_S = 100.0
 GPU_HIDDEN_MULTIPLE = 128
 
 _ALIGN = 128

@@ -196,7 +196,7 @@ def attach(buffer, devices, num_ranks: int) -> GpuState:
                                "EP group")
         ordinals = [d.local_hardware_id for d in devices]
         timeout = buffer.timeout_s if buffer.timeout_s is not None else float(
-            os.environ.get("JMEP_TIMEOUT_S", "30"))
+            os.environ.get("JMEP_TIMEOUT_S", cfg.DEFAULT_TIMEOUT_S))
         _ep.ll_register_p2p(buffer.id, ordinals, c.max_tokens_per_rank, c.hidden, c.num_experts,
                             float(timeout))
         return GpuState(buffer.id, [], ordinals)

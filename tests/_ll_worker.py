@@ -469,10 +469,15 @@ def case_long_run():
         _, out = lax.fori_loop(0, chunk, body, (vz((), jnp.int32), vz(xs.shape, BF16)))
         return out
 
-    f = sharded(fn)
     args = [put(a) for a in (x, w, c)]
+    # Compile first and start together: a rank still compiling (or checking) while its
+    # peer waits in the kernel longer than the timeout is a timeout, by design.
+    f = sharded(fn).lower(*args, put(np.zeros((R,), np.int32))).compile()
+    from jax_mscclpp_ep import gpu as _gpu
     done, checks, t0, before = 0, 0, time.perf_counter(), None
     while done < ARGS.steps:
+        if _PLATFORM == "gpu":
+            _gpu._barrier(f"long_run_{seed}_{done}")
         base = np.full((R,), done, np.int32)
         out = local(f(*args, put(base)))
         last = done + chunk - 1
