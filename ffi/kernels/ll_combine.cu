@@ -130,6 +130,16 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
     __syncthreads();
   }
 
+  // Wait for every expert's flag, not only those our tokens use: each flag is
+  // added after its sender cleared the counter we write in the next dispatch,
+  // so a rank whose tokens skip some experts cannot run ahead into the next
+  // dispatch and have its count wiped by that late clear.
+  for (int e = blockIdx.x * blockDim.x + tid; e < (a.phases & kLlPhaseRecv ? E : 0);
+       e += gridDim.x * blockDim.x) {
+    const WaitSite site{s.error, s.timeout_ns, s.rank, e / LE, kPhaseCombineRecv};
+    ll_wait_signal(s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, site);
+  }
+
   if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 1);
 }
