@@ -219,3 +219,6 @@ def attach(buffer, devices, num_ranks: int) -> GpuState:
     # No rank may signal a peer before the peer's signal words are zeroed.
     _barrier(f"jmep_ll_{buffer.id}_registered")
     return GpuState(buffer.id, comms, ordinals)
+
+
+from . import gpu_bwd  # noqa: E402,F401  (combine's backward on the kernels)

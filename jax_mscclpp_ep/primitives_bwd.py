@@ -4,9 +4,8 @@
 ``gather_rows_p`` (rows for the gradient w.r.t. topk_weights) are exchanges
 over the EP group like dispatch/combine, so they are primitives with the same
 params (buffer_id, axis_name, num_experts, max_tokens, num_ranks) and the same
-int32 ``order`` operand passed through as the last output: a CUDA lowering can
-be registered later for the "cuda" platform exactly as ``gpu.py`` does for
-dispatch_p/combine_p. On CPU they lower to ``reference_bwd``.
+int32 ``order`` operand passed through as the last output. On CPU they lower
+to ``reference_bwd``; on GPUs ``gpu_bwd.py`` lowers them to the LL kernels.
 
 The backward of dispatch needs no new primitive: it is ``combine_p`` with
 weight 1 on the slots that sent a message (see ``api.py``).
@@ -67,9 +66,8 @@ def _gather_reference(y, topk_idx, src_info, layout_range, order, *, num_experts
     return out, order
 
 
-# Until the CUDA kernels exist, GPUs run the reference too: its all_to_all is
-# an XLA collective (NCCL) over the same shard_map axis. A kernel lowering
-# registered later for "cuda" replaces this one.
+# The reference on GPUs too (its all_to_all is an XLA collective over the same
+# shard_map axis) until gpu_bwd.py replaces it with the kernels' lowering.
 for _platform in ("cpu", "cuda"):
     mlir.register_lowering(scatter_to_rows_p,
                            mlir.lower_fun(_scatter_reference, multiple_results=True),

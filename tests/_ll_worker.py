@@ -351,10 +351,129 @@ def case_loop_1000():
     buf.check()
 
 
+def _bwd_fn(buf):
+    """Forward dispatch, then combine's backward exchanges on the same handle.
+
+    gather_rows reads y built from the handle: the row of (source s, token t)
+    for expert ex holds bf16(a[ex, s, t] * v), so any rank can tell what each
+    slot must get back without the owner's row order."""
+    from jax_mscclpp_ep.primitives_bwd import gather_rows_p, scatter_to_rows_p
+    e, m = buf.config.num_experts, buf.config.max_tokens_per_rank
+    le = e // R
+    kw = dict(num_experts=e, max_tokens=m, num_ranks=R, axis_name="ep", buffer_id=buf.id)
+
+    def fn(xs, ids, ws, gs, a, v):
+        res = ep.dispatch(xs, ids, buf)
+        src, lr = res.handle.src_info, res.handle.layout_range
+        rows, order = scatter_to_rows_p.bind(gs.astype(BF16), ids, ws, src, lr, res.handle.order,
+                                             **kw)
+        offset, count = ep.reference.unpack_layout(lr)
+        s_of, ok = ep.reference._row_owner(offset, count, R * m)         # [LE, R*M]
+        ex = lax.axis_index("ep") * le + jnp.arange(le)[:, None]
+        scale = jnp.where(ok, a[ex, s_of, jnp.clip(src, 0, m - 1)], jnp.nan)  # NaN: never read
+        ys = (scale[..., None] * v[None, None, :]).astype(BF16)
+        per_slot, _ = gather_rows_p.bind(ys, ids, src, lr, order, **kw)
+        return src, lr, rows, per_slot
+    return sharded(fn)
+
+
+def _scatter_expected(e, m, idx, w, g, src, lr, owner):
+    """NumPy loops: the rows scatter_to_rows must give rank `owner`, in its handle's order."""
+    le = e // R
+    offset, count = testing.layout_numpy(lr)
+    want = np.zeros((le, R * m, g.shape[-1]), np.float32)
+    for j in range(le):
+        ex = owner * le + j
+        for s in range(R):
+            for i in range(int(offset[j, s]), int(offset[j, s] + count[j, s])):
+                t = int(src[j, i])
+                wt = np.float32(0)
+                for k in range(idx.shape[-1]):  # duplicate slots add up, in slot order
+                    if idx[s, t, k] == ex:
+                        wt = np.float32(wt + w[s, t, k])
+                want[j, i] = g[s, t].astype(np.float32) * wt
+    return want.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def case_backward_exchanges():
+    """combine's backward on the kernels, exactly: scatter_to_rows rows (weighted, in the
+    forward handle's order, zeros elsewhere) and gather_rows per-slot rows (zeros if masked)."""
+    e, m, h, k = 64, 128, 2048, 8
+    buf = buffer(e, m, h)
+    f = _bwd_fn(buf)
+    for kind in ("random", "dups", "one_expert", "remote"):
+        x, idx, w = make_inputs(m, h, k, e, kind=kind)
+        g = RNG.standard_normal((R, m, h)).astype(ml_dtypes.bfloat16)
+        a = RNG.uniform(0.5, 2.0, (e, R, m)).astype(np.float32)
+        v = RNG.standard_normal(h).astype(np.float32)
+        rep = lambda z: np.broadcast_to(z, (R,) + z.shape)
+        src, lr, rows, per_slot = (local(o) for o in f(put(x), put(idx), put(w), put(g),
+                                                       put(rep(a)), put(rep(v))))
+        for r in src:
+            want = _scatter_expected(e, m, idx, w, g, src[r], lr[r], r)
+            # Exact but for the order of adding 3+ duplicate slots' weights (1 ulp).
+            np.testing.assert_allclose(rows[r].astype(np.float32), want, rtol=2.0 ** -8, atol=0,
+                                       err_msg=f"scatter_to_rows ({kind}) rank {r}")
+            ok = (idx[r] >= 0) & (idx[r] < e)
+            ex = np.where(ok, idx[r], 0)
+            scale = np.where(ok, a[ex, r, np.arange(m)[:, None]], 0.0).astype(np.float32)
+            want_g = (scale[..., None] * v).astype(ml_dtypes.bfloat16).astype(np.float32)
+            np.testing.assert_array_equal(per_slot[r].astype(np.float32), want_g,
+                                          f"gather_rows ({kind}) rank {r}")
+    buf.check()
+
+
+def case_grad():
+    """jax.grad through dispatch/combine on the kernels vs autodiff of the pure-JAX reference."""
+    e, m, h, k = 64, 128, 2048, 8
+    buf = buffer(e, m, h)
+    le = e // R
+
+    def loss_of(recv_x, recv_count, cs, comb, gs):
+        valid = (jnp.arange(R * m)[None, :] < recv_count[:, None])[..., None]
+        rx = jnp.where(valid, recv_x.astype(F32), 0.0)  # padding rows hold no token
+        y = (rx * cs[:, None, None]).astype(BF16)
+        return jnp.sum(comb(y).astype(F32) * gs)
+
+    def shard_loss(xs, ws, cs, ids, gs):
+        res = ep.dispatch(xs, ids, buf)
+        return loss_of(res.recv_x, res.recv_count, cs, lambda y: ep.combine(y, ids, ws, res.handle,
+                                                                            buf), gs)
+
+    def fn(xs, ids, ws, cs, gs):
+        return jax.grad(shard_loss, argnums=(0, 1, 2))(xs, ws, cs, ids, gs)
+    f = sharded(fn)
+
+    def ref_loss(x, w, c, idx, g):
+        d = ep.reference.dispatch_global(x, idx, num_experts=e, max_tokens=m)
+        y = jax.vmap(lambda rx, rc, cc: jnp.where(
+            (jnp.arange(R * m)[None, :] < rc[:, None])[..., None], rx.astype(F32), 0.0)
+            * cc[:, None, None])(d.recv_x, d.recv_count, c).astype(BF16)
+        out = ep.reference.combine_global(y, idx, w, d.src_info, d.layout_range, num_experts=e,
+                                          max_tokens=m)
+        return jnp.sum(out.astype(F32) * g)
+
+    for kind in ("random", "dups"):
+        x, idx, w = make_inputs(m, h, k, e, kind=kind)
+        c = RNG.uniform(0.5, 2.0, (R, le)).astype(np.float32)
+        g = RNG.standard_normal((R, m, h)).astype(np.float32)
+        got = [local(o) for o in f(put(x), put(idx), put(w), put(c), put(g))]
+        with jax.default_device(CPU):
+            want = jax.tree.map(np.asarray, jax.grad(ref_loss, argnums=(0, 1, 2))(
+                jnp.asarray(x), jnp.asarray(w), jnp.asarray(c), jnp.asarray(idx), jnp.asarray(g)))
+        for name, gg, ww in zip(("x", "topk_weights", "expert scale"), got, want):
+            for r in gg:
+                a, b = gg[r].astype(np.float32), ww[r].astype(np.float32)
+                assert np.all(np.isfinite(a)), f"grad {name} ({kind}) rank {r}: non-finite"
+                err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+                assert err < 1e-2, f"grad {name} ({kind}) rank {r}: norm rel err {err:.3g}"
+    buf.check()
+
+
 CASES = [case_size_hint, case_basic_bf16, case_basic_fp8, case_fp8_round_scale,
          case_t_less_than_m, case_t_zero, case_all_masked, case_one_expert, case_all_remote,
          case_all_local, case_dups_and_bad_ids, case_split_halves, case_two_buffers, case_vmap,
-         case_loop_1000,
+         case_loop_1000, case_backward_exchanges, case_grad,
          case_hidden_sweep, case_bench_shape, case_big_e_k16, case_m1024]
 
 

@@ -45,7 +45,10 @@ def _grads(mesh, buf, x, idx, w, w1, g):
     """d/d(x, w, w1) of sum_ranks <g, combine(tanh(dispatch(x) @ w1), w)>."""
     def body(x, idx, w, w1, g):
         res = ep.dispatch(x[0], idx[0], buf)
-        hid = jnp.einsum("enh,ehf->enf", res.recv_x, w1[0].astype(jnp.bfloat16),
+        rows = res.recv_x.shape[1]
+        valid = (jnp.arange(rows)[None, :] < res.recv_count[:, None])[..., None]
+        rx = jnp.where(valid, res.recv_x, jnp.zeros((), res.recv_x.dtype))  # padding: no token
+        hid = jnp.einsum("enh,ehf->enf", rx, w1[0].astype(jnp.bfloat16),
                          preferred_element_type=jnp.float32)
         y = jnp.tanh(hid).astype(jnp.bfloat16)
         out = ep.combine(y, idx[0], w[0], res.handle, buf)

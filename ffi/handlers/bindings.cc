@@ -52,6 +52,8 @@ void bind_ll(nb::module_& m) {
     if (void* p = ll_combine_handler()) d["jmep_ll_combine"] = nb::capsule(p);
     if (void* p = ll_dispatch_send_handler()) d["jmep_ll_dispatch_send"] = nb::capsule(p);
     if (void* p = ll_combine_send_handler()) d["jmep_ll_combine_send"] = nb::capsule(p);
+    if (void* p = ll_scatter_rows_handler()) d["jmep_ll_scatter_rows"] = nb::capsule(p);
+    if (void* p = ll_gather_rows_handler()) d["jmep_ll_gather_rows"] = nb::capsule(p);
     return d;
   });
 }

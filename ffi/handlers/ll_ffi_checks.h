@@ -32,6 +32,13 @@ inline ffi::Error check_static(const LlEntry& e, int64_t num_experts, int64_t ma
   return ffi::Error::Success();
 }
 
+// find_entry + check_static: the prologue of every handler.
+inline ffi::Error find_checked(int64_t buffer_id, int32_t device, int64_t num_experts,
+                               int64_t max_tokens, LlEntry** out) {
+  if (auto err = find_entry(buffer_id, device, out); err.failure()) return err;
+  return check_static(**out, num_experts, max_tokens);
+}
+
 inline ffi::Error check_topk(ffi::AnyBuffer idx, int64_t tokens, int32_t* k, bool* idx64) {
   auto d = idx.dimensions();
   if (d.size() != 2 || d[0] != tokens || d[1] < 1 || d[1] > kLlMaxTopk)
@@ -40,6 +47,25 @@ inline ffi::Error check_topk(ffi::AnyBuffer idx, int64_t tokens, int32_t* k, boo
     return ffi::Error::InvalidArgument("topk_idx must be int32 or int64");
   *k = static_cast<int32_t>(d[1]);
   *idx64 = idx.element_type() == ffi::DataType::S64;
+  return ffi::Error::Success();
+}
+
+// y (combine's input): bf16 [LE, R*M, H] of this Buffer.
+inline ffi::Error check_expert_rows(const LlStatic& s, ffi::AnyBuffer y) {
+  auto d = y.dimensions();
+  if (y.element_type() != ffi::DataType::BF16 || d.size() != 3 || d[0] != s.local_experts ||
+      d[1] != int64_t(s.nranks) * s.max_tokens || d[2] != s.hidden)
+    return ffi::Error::InvalidArgument("y must be bf16 [LE, R*M, H]");
+  return ffi::Error::Success();
+}
+
+// x (dispatch's input): bf16 [T, H] with T <= M.
+inline ffi::Error check_tokens(const LlStatic& s, ffi::AnyBuffer x, const char* name) {
+  auto d = x.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || d.size() != 2 || d[1] != s.hidden ||
+      d[0] > s.max_tokens)
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       " must be bf16 [T, H] with T <= M and H = the Buffer's hidden");
   return ffi::Error::Success();
 }
 

@@ -19,12 +19,10 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             int64_t num_experts, int64_t max_tokens, int64_t use_fp8,
                             int64_t round_scale) {
   LlEntry* e = nullptr;
-  if (auto err = find_entry(buffer_id, device, &e); err.failure()) return err;
-  if (auto err = check_static(*e, num_experts, max_tokens); err.failure()) return err;
+  if (auto err = find_checked(buffer_id, device, num_experts, max_tokens, &e); err.failure())
+    return err;
+  if (auto err = check_tokens(e->st, x, "x"); err.failure()) return err;
   auto xd = x.dimensions();
-  if (x.element_type() != ffi::DataType::BF16 || xd.size() != 2 || xd[1] != e->st.hidden ||
-      xd[0] > e->st.max_tokens)
-    return ffi::Error::InvalidArgument("x must be bf16 [T, H] with T <= M and H = the Buffer's hidden");
   LlDispatchArgs a{};
   if (auto err = check_topk(topk_idx, xd[0], &a.topk, &a.idx64); err.failure()) return err;
   a.s = e->st;
@@ -47,13 +45,10 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
                            ffi::Result<ffi::Buffer<ffi::S32>> order_out, int64_t buffer_id,
                            int64_t num_experts, int64_t max_tokens) {
   LlEntry* e = nullptr;
-  if (auto err = find_entry(buffer_id, device, &e); err.failure()) return err;
-  if (auto err = check_static(*e, num_experts, max_tokens); err.failure()) return err;
+  if (auto err = find_checked(buffer_id, device, num_experts, max_tokens, &e); err.failure())
+    return err;
   const LlStatic& s = e->st;
-  auto yd = y.dimensions();
-  if (y.element_type() != ffi::DataType::BF16 || yd.size() != 3 || yd[0] != s.local_experts ||
-      yd[1] != int64_t(s.nranks) * s.max_tokens || yd[2] != s.hidden)
-    return ffi::Error::InvalidArgument("y must be bf16 [LE, R*M, H]");
+  if (auto err = check_expert_rows(s, y); err.failure()) return err;
   if (layout_range.size_bytes() != size_t(s.local_experts) * s.nranks * 8)
     return ffi::Error::InvalidArgument("layout_range must hold [LE, R] int64");
   LlCombineArgs a{};

@@ -42,5 +42,9 @@ void* ll_combine_handler();
 // handlers above with phases = 2.
 void* ll_dispatch_send_handler();
 void* ll_combine_send_handler();
+// Combine's backward (ll_ffi_bwd.cu): the weighted dispatch into the forward
+// handle's rows, and the per-slot (unreduced) combine.
+void* ll_scatter_rows_handler();
+void* ll_gather_rows_handler();
 
 }  // namespace jmep

@@ -63,6 +63,12 @@ struct LlDispatchArgs {
   int32_t num_tokens, topk;
   int32_t phases;  // kLlPhaseSend | kLlPhaseRecv: split halves run one each
   bool idx64, use_fp8, round_scale;
+  // Weighted mode (combine's backward, bf16 only): each (token, expert) message
+  // carries the sum of that expert's slot weights in its header, the receiver
+  // scales the row by it and stores it at row_map's row, zeroes the rest of
+  // the block, and writes no handle/count/stats outputs (those are null).
+  const float* slot_weights;  // [T, K] f32, or null
+  const int32_t* row_map;     // [LE, R*M]: row of (source rank r, token t) at [j, r*M + t]
 };
 
 struct LlCombineArgs {
@@ -78,6 +84,9 @@ struct LlCombineArgs {
   int32_t num_tokens, topk;
   int32_t phases;  // kLlPhaseSend | kLlPhaseRecv
   bool idx64;
+  // Per-slot mode (combine's backward w.r.t. topk_weights): out is [T, K, H],
+  // slot k's row copied unreduced (zeros for masked slots); weights unused.
+  bool per_slot;
 };
 
 // One warp copies n 16-byte vectors, four loads in flight per lane (a plain

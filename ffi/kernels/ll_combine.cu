@@ -6,6 +6,8 @@
 //  receive: block per token; wait for the flags of its experts, then
 //           out[t] = sum_k w[t,k] * row(t, e_k), f32 accumulation, one bf16
 //           rounding (same order of operations as the reference: mul, add).
+//           Per-slot mode (combine's backward w.r.t. the weights) copies each
+//           slot's row to out[t, k] instead of reducing.
 #include <cuda_bf16.h>
 
 #include "kernels/ll_args.cuh"
@@ -100,9 +102,20 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
         ok = static_cast<int>(e);
       }
       s_exp[tid] = ok;
-      s_w[tid] = a.topk_weights[int64_t(t) * K + tid];
+      s_w[tid] = a.per_slot ? 0.f : a.topk_weights[int64_t(t) * K + tid];
     }
     __syncthreads();
+    if (a.per_slot) {
+      uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * K * row_bytes);
+      for (int i = tid; i < K * nvec; i += blockDim.x) {
+        const int k = i / nvec, c = i % nvec, e = s_exp[k];
+        out[i] = e < 0 ? make_uint4(0u, 0u, 0u, 0u)
+                       : __ldcg(reinterpret_cast<const uint4*>(
+                                    s.local + L.combine_slot(half, e, t, M)) + c);
+      }
+      __syncthreads();
+      continue;
+    }
     uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * row_bytes);
     for (int c = tid; c < nvec; c += blockDim.x) {
       float acc[8];

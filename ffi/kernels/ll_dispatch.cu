@@ -11,6 +11,9 @@
 // signals the peer that writes them (ll_clean_prev): the peer only reuses
 // that half after it has seen this call's signal from us, so the clear
 // always lands first. The half flips on the device (ll_finish_call).
+// Weighted mode (slot_weights set) is combine's backward: see LlDispatchArgs.
+#include <cuda_bf16.h>
+
 #include "kernels/ll_args.cuh"
 #include "kernels/ll_fp8.cuh"
 
@@ -37,6 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   __shared__ int s_dst[kLlMaxTopk];
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ long long s_off[kLlMaxTopk];
+  __shared__ float s_wt[kLlMaxTopk];
   __shared__ char* s_pbase[kLlMaxRanks];
   __shared__ int s_kind[kLlMaxRanks];
   __shared__ int s_cnt[kLlMaxRanks];
@@ -58,6 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   const int64_t payload = a.use_fp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
   const int64_t msg_bytes = kLlHeaderBytes + payload;
   const char* x = static_cast<const char*>(a.x);
+  const bool weighted = a.slot_weights != nullptr;
   __syncthreads();
 
   // ---------------------------------------------------------------- send
@@ -74,8 +79,15 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
           const int slot = atomicAdd(&s.slot_ctr[e], 1);
           dst = static_cast<int>(e / LE);
           off = L.dispatch_slot(half, e % LE, s.rank, slot, R, M);
+          if (weighted) {  // the expert's weight: all of its slots (duplicates add up)
+            float w = 0.f;
+            for (int k2 = 0; k2 < K; ++k2)
+              if (ll_load_idx(a.topk_idx, int64_t(t) * K + k2, a.idx64) == e)
+                w = __fadd_rn(w, a.slot_weights[int64_t(t) * K + k2]);
+            s_wt[tid] = w;
+          }
         }
-      } else if (e != -1) {
+      } else if (e != -1 && !weighted) {  // the forward dispatch already counted it
         atomicAdd(&s.state->dropped, 1);
       }
       s_dst[tid] = dst;
@@ -96,7 +108,18 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
       }
       if (any_port) *reinterpret_cast<uint4*>(staged + at) = v;
     };
-    if (tid == 0) store_all(0, make_uint4(static_cast<unsigned>(t), 0u, 0u, 0u));
+    const uint4 header = make_uint4(static_cast<unsigned>(t), 0u, 0u, 0u);
+    if (!weighted) {
+      if (tid == 0) store_all(0, header);
+    } else {
+      // Per destination header: token and that expert's weight (bytes 8..11).
+      // Port peers share the staged copy, whose weight word stays 0: an add
+      // pushed after the put fills it in (the proxy keeps push order).
+      if (tid == 0 && any_port) *reinterpret_cast<uint4*>(staged) = header;
+      if (tid < K && s_dst[tid] >= 0 && s_kind[s_dst[tid]] != kLlPort)
+        *reinterpret_cast<uint4*>(s_pbase[s_dst[tid]] + s_off[tid]) =
+            make_uint4(static_cast<unsigned>(t), 0u, __float_as_uint(s_wt[tid]), 0u);
+    }
     const uint4* xrow = reinterpret_cast<const uint4*>(x + int64_t(t) * H * 2);
     if (a.use_fp8) {
       const int nchunk = H / 16;  // 16 channels a thread, 8 threads per 128-channel block
@@ -137,8 +160,12 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
     __syncthreads();
     if (tid < K && s_dst[tid] >= 0) {
       const int p = s_dst[tid];
-      if (s_kind[p] == kLlPort)
+      if (s_kind[p] == kLlPort) {
         ll_port_put(s.handles, p, s_off[tid], staged - s.local, msg_bytes);
+        if (weighted)
+          ll_port_add(s.handles, p, s_off[tid] + 8,
+                      static_cast<int64_t>(__float_as_uint(s_wt[tid])));
+      }
       __threadfence();
       atomicAdd(&s.finish_ctr[s_exp[tid]], 1);  // this token is out for that expert
     }
@@ -187,23 +214,55 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
       int off = 0;
       for (int r = 0; r < R; ++r) {
         s_base[r] = off;
-        a.layout_range[int64_t(j) * R + r] =
-            (static_cast<int64_t>(off) << 32) | static_cast<uint32_t>(s_cnt[r]);
+        if (!weighted)
+          a.layout_range[int64_t(j) * R + r] =
+              (static_cast<int64_t>(off) << 32) | static_cast<uint32_t>(s_cnt[r]);
         off += s_cnt[r];
       }
       s_base[R] = off;
-      a.recv_count[j] = off;
-      a.stats_out[j] = a.stats_in[j] + off;
+      if (!weighted) {
+        a.recv_count[j] = off;
+        a.stats_out[j] = a.stats_in[j] + off;
+      }
     }
     __syncthreads();
     const int total = s_base[R];
+    if (weighted) {  // rows past the block hold no (token, expert): gradient 0
+      for (int row = total + warp; row < R * M; row += nwarps) {
+        uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) +
+                                            (int64_t(j) * R * M + row) * H * 2);
+        for (int c = lane; c < H / 8; c += 32) d[c] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
     for (int row = warp; row < total; row += nwarps) {
       int r = 0;
       while (row >= s_base[r + 1]) ++r;
       const char* src = s.local + L.dispatch_slot(half, j, r, row - s_base[r], R, M);
-      const int64_t out_row = int64_t(j) * R * M + row;
-      if (lane == 0) a.src_info[out_row] = __ldcg(reinterpret_cast<const int*>(src));
+      const int tok = __ldcg(reinterpret_cast<const int*>(src));
       const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
+      if (weighted) {
+        // The forward handle's row for (r, tok); a token that handle lacks is skipped.
+        const int mr = tok >= 0 && tok < M ? a.row_map[(int64_t(j) * R + r) * M + tok] : -1;
+        if (mr < 0 || mr >= R * M) continue;
+        const float w = __ldcg(reinterpret_cast<const float*>(src + 8));
+        uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) +
+                                            (int64_t(j) * R * M + mr) * H * 2);
+        for (int c = lane; c < H / 8; c += 32) {
+          const uint4 v = __ldcg(body + c);
+          const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+          uint4 o;
+          __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = __bfloat1622float2(h2[i]);
+            o2[i] = __floats2bfloat162_rn(__fmul_rn(f.x, w), __fmul_rn(f.y, w));
+          }
+          d[c] = o;
+        }
+        continue;
+      }
+      const int64_t out_row = int64_t(j) * R * M + row;
+      if (lane == 0) a.src_info[out_row] = tok;
       if (a.use_fp8) {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
         ll_warp_copy<true>(d, body, H / 16, lane);
