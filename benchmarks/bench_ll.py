@@ -10,16 +10,25 @@ For each system and shape it reports, in microseconds:
           (loop time / steps; median over --reps loops).
 Writes the printed table and a JSON next to each other (--out, without suffix).
 
+--sweep-tokens T1,T2,...: latency vs tokens per rank. For the first shape of
+--shapes, buffers stay sized for its M while each step routes only T tokens per
+rank; dispatch and combine are timed per step inside one jitted loop (as *_loop)
+for every T. Stored under "sweep" in the JSON; --plot PNG draws it (plot_ll.py).
+
   python benchmarks/bench_ll.py --out benchmarks/results/ll_h200x2
+  python benchmarks/bench_ll.py --shapes 128,7168,8,256 --sweep-tokens 1,2,4,8,16,32,64,128 \
+      --sweep-only --out benchmarks/results/ll_sweep --plot benchmarks/results/ll_sweep.png
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -47,7 +56,27 @@ def parse():
     ap.add_argument("--systems", default="mem-fp8,mem-bf16,port-fp8,ragged-bf16")
     ap.add_argument("--out", default="")
     ap.add_argument("--platform", default="gpu", help="cpu: dry run of the harness (reference path)")
-    return ap.parse_args()
+    ap.add_argument("--sweep-tokens", default="",
+                    help="T1,T2,...: also time dispatch/combine per step for these tokens per rank "
+                         "(each <= M) at the first shape's M; empty = no sweep")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="run only the token sweep, not the per-shape table")
+    ap.add_argument("--plot", default="", help="PNG: plot the token sweep here (needs matplotlib)")
+    a = ap.parse_args()
+    # check the sweep options now, not after the table has run
+    a.sweep = []
+    if a.sweep_tokens:
+        m = int(a.shapes.split(";")[0].split(",")[0])
+        try:
+            a.sweep = [int(t) for t in a.sweep_tokens.split(",")]
+        except ValueError:
+            ap.error(f"--sweep-tokens must be comma-separated integers, got {a.sweep_tokens!r}")
+        bad = [t for t in a.sweep if not 1 <= t <= m]
+        if bad:
+            ap.error(f"--sweep-tokens {bad}: each T must be in [1, M={m}] (M of the first shape)")
+    if (a.sweep_only or a.plot) and not a.sweep:
+        ap.error("--sweep-only and --plot need --sweep-tokens")
+    return a
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -76,15 +105,24 @@ def time_loop(f, args, steps, reps):
 
 # ---------------------------------------------------------------- inputs
 
-def inputs(mesh, r, m, h, k, e, seed=0):
+def host_inputs(r, m, h, k, e, seed=0):
+    """x, topk_idx, topk_weights, y on the host, leading axis = rank."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((r, m, h))).astype(jnp.bfloat16)
     idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(m)]) for _ in range(r)])
     w = rng.uniform(0.1, 1.0, (r, m, k)).astype(np.float32)
     le = e // r
     y = rng.standard_normal((r, le, r * m, h)).astype(jnp.bfloat16)
+    return x, idx.astype(np.int32), w, y
+
+
+def put(mesh, *arrays):
     sh = NamedSharding(mesh, P("ep"))
-    return [jax.device_put(a, sh) for a in (x, idx.astype(np.int32), w, y)]
+    return [jax.device_put(np.ascontiguousarray(a), sh) for a in arrays]
+
+
+def inputs(mesh, r, m, h, k, e, seed=0):
+    return put(mesh, *host_inputs(r, m, h, k, e, seed))
 
 
 def varying(a, like):
@@ -153,7 +191,11 @@ def ours(mesh, buf, fp8, steps, unroll=1):
 # ---------------------------------------------------------------- ragged_all_to_all baseline
 
 def ragged(mesh, r, m, h, k, e, steps, unroll=1):
-    """The pipeline a JAX user writes with lax.ragged_all_to_all today (bf16)."""
+    """The pipeline a JAX user writes with lax.ragged_all_to_all today (bf16).
+
+    T (tokens routed per rank) comes from the inputs' shape; the receive
+    capacity stays sized for M, like a buffer fixed at the largest batch.
+    """
     le = e // r
     cap = r * m * k  # receive capacity: every (token, slot) of every rank
 
@@ -178,13 +220,14 @@ def ragged(mesh, r, m, h, k, e, steps, unroll=1):
 
     def combine(recv, idx, w, route_info):
         order, ss, io, rs, mo, oo = route_info
-        back = jnp.zeros((m * k, h), recv.dtype)
+        t = idx.shape[0]
+        back = jnp.zeros((t * k, h), recv.dtype)
         # reverse: send what we received back to where it came from
         oo_back = lax.all_to_all(io, "ep", 0, 0, tiled=True)
         got = lax.ragged_all_to_all(recv, back, mo, rs, oo_back, ss, axis_name="ep")
         unsorted = jnp.zeros_like(got).at[order].set(got)
         wk = jnp.where(idx >= 0, w, 0.0).reshape(-1, 1)
-        return (unsorted.astype(F32) * wk).reshape(m, k, h).sum(1).astype(BF16)
+        return (unsorted.astype(F32) * wk).reshape(t, k, h).sum(1).astype(BF16)
 
     def disp(x, idx):
         recv, info = dispatch(x, idx)
@@ -222,6 +265,16 @@ def ragged(mesh, r, m, h, k, e, steps, unroll=1):
 
 # ---------------------------------------------------------------- main
 
+def system_fns(a, mesh, bufs, kind, dtype, r, m, h, k, e):
+    """The jitted functions of one system; our systems share a Buffer per path in ``bufs``."""
+    if kind == "ragged":
+        return ragged(mesh, r, m, h, k, e, a.steps, a.unroll)
+    if kind not in bufs:
+        bufs[kind] = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, force_port=(kind == "port"),
+                               timeout_s=5.0)
+    return ours(mesh, bufs[kind], dtype == "fp8", a.steps, a.unroll)
+
+
 def main():
     a = parse()
     gpus = sorted(jax.devices(a.platform), key=lambda d: d.id)[:2 if a.platform == "cpu" else None]
@@ -233,8 +286,7 @@ def main():
     results = {"devices": [str(d) for d in gpus], "mem_transport": "p2p" if p2p else "channels", "device_kind": gpus[0].device_kind,
                "jax": jax.__version__, "host": platform.node(), "calls": a.calls,
                "steps": a.steps, "reps": a.reps, "shapes": {}}
-    lines = []
-    for spec in a.shapes.split(";"):
+    for spec in ([] if a.sweep_only else a.shapes.split(";")):
         m, h, k, e = map(int, spec.split(","))
         name = f"M=T={m} H={h} K={k} E={e} R={r}"
         x, idx, w, y = inputs(mesh, r, m, h, k, e)
@@ -243,13 +295,7 @@ def main():
         for system in a.systems.split(","):
             kind, dtype = system.split("-")
             try:
-                if kind == "ragged":
-                    fs = ragged(mesh, r, m, h, k, e, a.steps, a.unroll)
-                else:
-                    if kind not in bufs:
-                        bufs[kind] = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh,
-                                               force_port=(kind == "port"), timeout_s=5.0)
-                    fs = ours(mesh, bufs[kind], dtype == "fp8", a.steps, a.unroll)
+                fs = system_fns(a, mesh, bufs, kind, dtype, r, m, h, k, e)
                 cargs = fs["comb_args"](x, idx, w, y)
                 row = {}
                 row["dispatch_call"] = time_calls(fs["disp"], (x, idx), a.calls)
@@ -276,7 +322,62 @@ def main():
                                             for k_, v in row.items()}), flush=True)
         for b in bufs.values():
             b.close()
+    if a.sweep:
+        sweep(a, mesh, r, results, gpus)
     print(render(a, results, gpus, r))
+    if a.plot:
+        plot_sweep(a, results)
+
+
+def sweep(a, mesh, r, results, gpus):
+    """Per-step dispatch and combine loop times vs tokens per rank T, at the first
+    shape's M: one buffer per system sized for M, only the first T rows routed."""
+    m, h, k, e = map(int, a.shapes.split(";")[0].split(","))
+    hx, hidx, hw, hy = host_inputs(r, m, h, k, e)
+    (y,) = put(mesh, hy)  # expert outputs are [LE, R*M, H] whatever T is
+    xs = {t: put(mesh, hx[:, :t], hidx[:, :t], hw[:, :t]) for t in a.sweep}
+    sw = results["sweep"] = {"shape": {"M": m, "H": h, "K": k, "E": e, "R": r}, "tokens": a.sweep,
+                             "steps": a.steps, "reps": a.reps, "unroll": a.unroll, "systems": {}}
+    bufs = {}
+    for system in a.systems.split(","):
+        kind, dtype = system.split("-")
+        row = sw["systems"][system] = {"dispatch_us": [], "combine_us": []}
+        try:
+            # one set of jitted functions per system; each T retraces (one compile per shape)
+            fs = system_fns(a, mesh, bufs, kind, dtype, r, m, h, k, e)
+            for t in a.sweep:
+                x, idx, w = xs[t]
+                cargs = fs["comb_args"](x, idx, w, y)
+                row["dispatch_us"].append(time_loop(fs["disp_loop"], (x, idx), a.steps, a.reps))
+                row["combine_us"].append(time_loop(fs["comb_loop"], cargs, a.steps, a.reps))
+                render(a, results, gpus, r)
+                print(f"sweep M={m} T={t}", system, json.dumps(
+                    {"dispatch_us": round(row["dispatch_us"][-1], 1),
+                     "combine_us": round(row["combine_us"][-1], 1)}), flush=True)
+            if kind != "ragged":
+                bufs[kind].check()
+        except Exception as ex:  # noqa: BLE001 - keep the other systems' numbers
+            # a failed buffer is poisoned: skip this system's remaining T, keep the lists aligned
+            row["error"] = f"{type(ex).__name__}: {ex}".replace("\n", " ")[:500]
+            for key in ("dispatch_us", "combine_us"):
+                row[key] += [None] * (len(a.sweep) - len(row[key]))
+            print(f"sweep M={m}", system, json.dumps({"error": row["error"]}), flush=True)
+        render(a, results, gpus, r)
+    for b in bufs.values():
+        b.close()
+
+
+def plot_sweep(a, results):
+    """--plot: draw the sweep with plot_ll.py, or say where to do it without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        src = a.out + ".json" if a.out else "RESULTS.json (write it with --out)"
+        print(f"note: matplotlib is not installed here, no plot; run "
+              f"`python benchmarks/plot_ll.py {src} {a.plot}` where it is", flush=True)
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # plot_ll.py lives next to us
+    import plot_ll
+    plot_ll.plot(results, a.plot)
+    print(f"wrote {a.plot}", flush=True)
 
 
 def render(a, results, gpus, r):
@@ -295,6 +396,24 @@ def render(a, results, gpus, r):
                 continue
             cells = [f"{row[c]:.1f}" if c in row else "–" for c in cols]
             lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    sw = results.get("sweep")
+    if sw:
+        sh = sw["shape"]
+        lines.append(f"\n### Token sweep: M={sh['M']} H={sh['H']} K={sh['K']} E={sh['E']} R={sh['R']}, "
+                     "dispatch / combine loop (µs per step)\n")
+        names = list(sw["systems"])
+        lines.append("| T | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for i, t in enumerate(sw["tokens"]):
+            cells = []
+            for row in sw["systems"].values():
+                d, c = (row[key][i] if i < len(row[key]) else None
+                        for key in ("dispatch_us", "combine_us"))
+                cells.append(" / ".join(f"{v:.1f}" if v is not None else "–" for v in (d, c)))
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        for name, row in sw["systems"].items():
+            if "error" in row:
+                lines.append(f"\n{name}: error: {row['error'][:200]}")
     table = "\n".join(lines)
     head = (f"# LL dispatch/combine on {r}x {gpus[0].device_kind} (jax {jax.__version__})\n\n"
             f"*_call: median of {a.calls} jitted calls from Python (to block_until_ready); "
@@ -305,6 +424,10 @@ def render(a, results, gpus, r):
             "ragged = lax.ragged_all_to_all pipeline; fp8 = fp8 dispatch + bf16 combine. "
             f"mem transport: {results['mem_transport']} (p2p = direct CUDA peer access "
             "fallback without the channel layer).\n")
+    if results.get("sweep"):
+        head += ("\nToken sweep: buffers sized for the first shape's M, each step routes T tokens per "
+                 "rank (x/topk_idx of T rows; y stays [LE, R*M, H]; ragged keeps its R*M*K receive "
+                 "capacity); dispatch and combine timed like *_loop.\n")
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out + ".md", "w") as f:
