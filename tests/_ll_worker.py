@@ -642,8 +642,20 @@ def case_exit_without_close():
     _KEEP.append(b)
 
 
-EXTRA_CASES = {"exit_without_close": case_exit_without_close,"dead_peer": case_dead_peer, "long_run": case_long_run,
-               "create_destroy": case_create_destroy}
+def case_graph_replay():
+    """For a run under XLA command buffers (XLA_FLAGS from tests/test_gpu_one.py): one
+    compiled step replayed with fresh data (bf16 and fp8), then a jitted loop of steps."""
+    buf = buffer(64, 128, 2048)
+    for use_fp8 in (False, True):
+        f = None
+        for _ in range(3):
+            f = check_step(buf, *make_inputs(128, 2048, 8, 64), use_fp8=use_fp8, fn=f)
+    case_loop_1000()
+
+
+EXTRA_CASES = {"exit_without_close": case_exit_without_close, "dead_peer": case_dead_peer,
+               "long_run": case_long_run, "create_destroy": case_create_destroy,
+               "graph_replay": case_graph_replay}
 
 QUICK_SKIP = {"hidden_sweep", "bench_shape", "big_e_k16", "m1024"}
 

@@ -4,6 +4,7 @@ gradients on CPU, the MoE layer against the dense model, expert ids outside
 [-1, E) counted and dropped, the examples with --gpu. Fresh random data."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -169,3 +170,65 @@ def test_closed_buffer_fails_clearly_inside_compiled_function(gpu_mesh):
         jax.block_until_ready(f(*args))
     with pytest.raises(ep.BufferClosedError):
         buf.check()
+
+
+def _ll_calls_in_graphs(hlo_path) -> tuple[int, int]:
+    """(LL custom calls in this compiled module, how many of them run inside a command buffer).
+
+    Newer XLA forms command buffers from the thunk sequence (dumped as
+    *.thunk_sequence_after_thunk_passes.txt: a kCommandBuffer thunk with the
+    captured thunks indented under it); older XLA outlines them in HLO as
+    computations named command_buffer*. Custom-call thunks do not name their
+    target, so the module must hold no custom calls but ours."""
+    text = hlo_path.read_text()
+    n_ll = text.count('custom_call_target="jmep_ll_')
+    if n_ll == 0 or text.count(" custom-call(") != n_ll:
+        return n_ll, 0
+    comp, in_cb = None, 0
+    for line in text.splitlines():  # HLO: computation headers are unindented lines ending "{"
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            comp = line
+        elif comp is not None and "command_buffer" in comp.split("(")[0]:
+            in_cb += line.count('custom_call_target="jmep_ll_')
+    thunks = hlo_path.with_name(hlo_path.name.split(".sm_")[0] +
+                                ".thunk_sequence_after_thunk_passes.txt")
+    if thunks.exists():
+        stack = []  # (indent, thunk kind) of the enclosing thunks
+        for line in thunks.read_text().splitlines():
+            m = re.match(r"^(\s*)\d+: (\w+)", line)
+            if not m:
+                continue
+            indent, kind = len(m.group(1)), m.group(2)
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            if kind == "kCustomCall" and any(k == "kCommandBuffer" for _, k in stack):
+                in_cb += 1
+            stack.append((indent, kind))
+    return n_ll, min(in_cb, n_ll)
+
+
+@pytest.mark.parametrize("types", ["FUSION,CUSTOM_CALL", "FUSION,CUSTOM_CALL,WHILE,CONDITIONAL"])
+def test_kernels_replay_inside_cuda_graphs(gpu_mesh, tmp_path, types):
+    """With XLA command buffers on (custom calls captured into CUDA graphs, graphs of any
+    size), the LL calls are captured and every replay still matches the reference: a
+    step replayed with fresh data, and a loop of steps."""
+    dump = tmp_path / "hlo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_FLAGS=f"--xla_gpu_enable_command_buffer={types} "
+                         f"--xla_gpu_graph_min_graph_size=1 --xla_dump_to={dump} "
+                         "--xla_dump_hlo_as_text")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.local_hardware_id) for d in gpu_mesh.devices.flat)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_ll_worker.py"), "--mode",
+                           "single", "--seed", str(seed), "--only", "graph_replay", "--steps",
+                           "200"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    print(out[-3000:])
+    assert proc.returncode == 0 and "PASS graph_replay" in proc.stdout, out[-4000:]
+    modules = {f.name.split(".sm_")[0]: _ll_calls_in_graphs(f)
+               for f in sorted(dump.glob("*gpu_after_optimizations.txt"))}
+    modules = {k: v for k, v in modules.items() if v[0]}
+    print(f"{types}: (LL custom calls, captured) per module: {modules}")
+    assert modules and all(n == c for n, c in modules.values()), (
+        f"{types}: LL custom calls left outside command buffers: {modules} "
+        f"(dump in {dump})")
