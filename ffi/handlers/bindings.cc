@@ -45,7 +45,8 @@ void bind_ll(nb::module_& m) {
   m.def("ll_check", &ll_check, nb::arg("buffer_id"), nb::arg("device"));
   m.def("ll_dropped", &ll_dropped, nb::arg("buffer_id"), nb::arg("device"));
   m.def("ll_timing", &ll_timing, nb::arg("buffer_id"), nb::arg("device"), nb::arg("reset") = false,
-        "[dispatch calls, send ns, total ns, combine calls, send ns, total ns] (synchronises).");
+        "[dispatch calls, send ns, total ns, combine calls, send ns, total ns, then the summed "
+        "phase probes of dispatch and of combine (JMEP_LL_PROBES builds)] (synchronises).");
   m.def("ffi_targets", []() {
     nb::dict d;
     if (void* p = ll_dispatch_handler()) d["jmep_ll_dispatch"] = nb::capsule(p);

@@ -265,8 +265,11 @@ std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
                   "reset timing");
     ll_cuda_check(cudaDeviceSynchronize(), "reset timing");
   }
-  return {st.calls[0], st.sum_send_ns[0], st.sum_total_ns[0],
-          st.calls[1], st.sum_send_ns[1], st.sum_total_ns[1]};
+  std::vector<uint64_t> out = {st.calls[0], st.sum_send_ns[0], st.sum_total_ns[0],
+                               st.calls[1], st.sum_send_ns[1], st.sum_total_ns[1]};
+  for (int k = 0; k < 2; ++k)
+    for (int i = 0; i < kLlProbes; ++i) out.push_back(st.sum_probe_ns[k][i]);
+  return out;
 }
 
 }  // namespace jmep

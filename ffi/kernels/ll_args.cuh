@@ -11,6 +11,8 @@
 
 namespace jmep {
 
+constexpr int kLlProbes = 4;
+
 // Per-buffer device state. seq's low bit selects the half of the current call;
 // the last block of each call bumps it (so the host never touches it).
 struct LlDeviceState {
@@ -26,6 +28,10 @@ struct LlDeviceState {
   uint64_t sum_send_ns[2];
   uint64_t sum_total_ns[2];
   uint64_t calls[2];
+  // Phase probes (builds with -DJMEP_LL_PROBES, for finding where a call's time
+  // goes): latest time any block passed probe i, and its sum over calls.
+  unsigned long long probe_max[kLlProbes];
+  uint64_t sum_probe_ns[2][kLlProbes];
   // Followed in memory by int32 slot[E] and int32 finish[E] (dispatch send).
 };
 
@@ -120,6 +126,16 @@ __device__ __forceinline__ void ll_mark_send_end(LlDeviceState* st) {
   if (threadIdx.x == 0) atomicMax(&st->t_send_end, static_cast<unsigned long long>(globaltimer_ns()));
 }
 
+// Probe i: every block records when it got here (after a __syncthreads).
+__device__ __forceinline__ void ll_probe(LlDeviceState* st, int i) {
+#if defined(JMEP_LL_PROBES)
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(&st->probe_max[i], static_cast<unsigned long long>(globaltimer_ns()));
+#else
+  (void)st, (void)i;
+#endif
+}
+
 // Block-wide epilogue: the last block to finish advances seq (flips the half)
 // and books the call's timing under `kind` (0 dispatch, 1 combine).
 __device__ __forceinline__ void ll_finish_call(LlDeviceState* st, int32_t seq, int kind) {
@@ -135,6 +151,11 @@ __device__ __forceinline__ void ll_finish_call(LlDeviceState* st, int32_t seq, i
       st->sum_total_ns[kind] += now - t0;
       st->sum_send_ns[kind] += ts > t0 ? ts - t0 : 0;
       st->calls[kind] += 1;
+      for (int i = 0; i < kLlProbes; ++i) {
+        const uint64_t tp = *reinterpret_cast<volatile unsigned long long*>(&st->probe_max[i]);
+        st->sum_probe_ns[kind][i] += tp > t0 ? tp - t0 : 0;
+        st->probe_max[i] = 0;
+      }
       st->t_send_end = 0;
       st->blocks_done = 0;
       st->seq = seq + 1;

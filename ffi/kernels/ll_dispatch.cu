@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ long long s_off[kLlMaxTopk];
   __shared__ float s_wt[kLlMaxTopk];
+  __shared__ int s_hist[kLlMaxExperts];  // messages per destination expert (publish)
   __shared__ char* s_pbase[kLlMaxRanks];
   __shared__ int s_kind[kLlMaxRanks];
   __shared__ int s_cnt[kLlMaxRanks];
@@ -64,9 +65,21 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   const char* x = static_cast<const char*>(a.x);
   const bool weighted = a.slot_weights != nullptr;
   __syncthreads();
+  ll_probe(s.state, 0);  // every block running
 
   // ---------------------------------------------------------------- send
   for (int t = blockIdx.x; t < send_tokens; t += gridDim.x) {
+    // The token's row goes to registers first, so its load overlaps the slot
+    // claims below (kThreads threads cover H <= 8192: one 16-channel chunk
+    // each for fp8, at most two 8-channel vectors each for bf16).
+    const uint4* xrow = reinterpret_cast<const uint4*>(x + int64_t(t) * H * 2);
+    uint4 pre0 = make_uint4(0u, 0u, 0u, 0u), pre1 = pre0;
+    const int nvec = a.use_fp8 ? H / 16 : H / 8;  // fp8: chunks of two vectors
+    if (tid < nvec) {
+      pre0 = __ldg(xrow + (a.use_fp8 ? 2 * tid : tid));
+      pre1 = a.use_fp8 ? __ldg(xrow + 2 * tid + 1)
+                       : (tid + kThreads < nvec ? __ldg(xrow + tid + kThreads) : pre1);
+    }
     if (tid < K) {
       const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int dst = -1;
@@ -120,17 +133,16 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
         *reinterpret_cast<uint4*>(s_pbase[s_dst[tid]] + s_off[tid]) =
             make_uint4(static_cast<unsigned>(t), 0u, __float_as_uint(s_wt[tid]), 0u);
     }
-    const uint4* xrow = reinterpret_cast<const uint4*>(x + int64_t(t) * H * 2);
     if (a.use_fp8) {
-      const int nchunk = H / 16;  // 16 channels a thread, 8 threads per 128-channel block
-      for (int c0 = warp * 32; c0 < nchunk; c0 += nwarps * 32) {
-        const int c = c0 + lane;
-        const bool active = c < nchunk;
+      // Chunk c = tid: 16 channels a thread, 8 threads (one warp's lanes) per
+      // 128-channel scale block.
+      {
+        const int c = tid;
+        const bool active = c < nvec;
         float f[16];
         float amax = 0.f;
         if (active) {
-          const uint4 u = __ldg(xrow + 2 * c), v = __ldg(xrow + 2 * c + 1);
-          ll_bf16x16_to_float(u, v, f);
+          ll_bf16x16_to_float(pre0, pre1, f);
 #pragma unroll
           for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
         }
@@ -153,8 +165,8 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
         }
       }
     } else {
-      for (int c = tid; c < H / 8; c += blockDim.x)
-        store_all(kLlHeaderBytes + int64_t(c) * 16, __ldg(xrow + c));
+      if (tid < nvec) store_all(kLlHeaderBytes + int64_t(tid) * 16, pre0);
+      if (tid + kThreads < nvec) store_all(kLlHeaderBytes + int64_t(tid + kThreads) * 16, pre1);
     }
     if (any_port) __threadfence_system();  // staged bytes visible to the proxy's copy
     __syncthreads();
@@ -172,17 +184,32 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
     __syncthreads();
   }
 
+  ll_probe(s.state, 1);  // tokens sent
   // ---------------------------------------------------------------- publish counts
-  for (int e = blockIdx.x; e < send_experts; e += gridDim.x) {
-    int expected = 0;
-    for (int t0 = 0; t0 < T; t0 += blockDim.x) {
-      const int t = t0 + tid;
-      bool hit = false;
-      if (t < T)
-        for (int k = 0; k < K; ++k) hit |= ll_load_idx(a.topk_idx, int64_t(t) * K + k, a.idx64) == e;
-      expected += __syncthreads_count(hit);
+  // A warp per expert (one round for E <= 16 * grid); the blocks that own
+  // experts first count each expert's messages into shared memory (every
+  // distinct in-range expert of a token once, as the send phase does).
+  const int first_expert = blockIdx.x * nwarps;
+  if (first_expert < send_experts) {
+    for (int e = tid; e < E; e += blockDim.x) s_hist[e] = 0;
+    __syncthreads();
+    for (int t = tid; t < T; t += blockDim.x) {
+      int64_t ev[kLlMaxTopk];
+#pragma unroll
+      for (int k = 0; k < kLlMaxTopk; ++k) {
+        if (k >= K) break;
+        ev[k] = ll_load_idx(a.topk_idx, int64_t(t) * K + k, a.idx64);
+        bool fresh = ev[k] >= 0 && ev[k] < E;
+#pragma unroll
+        for (int k2 = 0; k2 < k; ++k2) fresh &= ev[k2] != ev[k];
+        if (fresh) atomicAdd(&s_hist[ev[k]], 1);
+      }
     }
-    if (tid == 0) {
+    __syncthreads();
+  }
+  for (int e = first_expert + warp; e < send_experts; e += gridDim.x * nwarps) {
+    if (lane == 0) {
+      const int expected = s_hist[e];
       const int p = e / LE, j = e % LE;
       const WaitSite site{s.error, s.timeout_ns, s.rank, p, kPhaseDispatchSend};
       ll_wait_local_eq(&s.finish_ctr[e], expected, site);
@@ -199,6 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
 
   __syncthreads();
   if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
+  ll_probe(s.state, 2);  // counts published
 
   // ---------------------------------------------------------------- receive
   for (int j = blockIdx.x; j < recv_experts; j += gridDim.x) {
@@ -277,6 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
     __syncthreads();
   }
 
+  ll_probe(s.state, 3);  // rows received
   if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 0);
 }

@@ -21,6 +21,7 @@ constexpr int kLlFp8Block = 128;   // channels per fp8 scale
 constexpr int kLlHeaderBytes = 16; // message header: int32 source token + padding
 constexpr int kLlMaxTopk = 16;
 constexpr int kLlMaxRanks = 64;
+constexpr int kLlMaxExperts = 1024;
 
 JMEP_HD int64_t ll_align128(int64_t n) { return (n + 127) / 128 * 128; }
 JMEP_HD int64_t ll_max(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -1,0 +1,96 @@
+"""Where an LL call's time goes: per-phase timestamps from inside the kernels.
+
+Needs a build with the probes compiled in:
+  CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJMEP_LL_PROBES" python3 -m pip install --no-build-isolation .
+Runs a jitted loop of dispatch(fp8) + combine steps per shape and prints, for each
+kernel, the mean time (µs, from the first block's start) at which the last block
+passed each probe:
+  dispatch: 0 all blocks running, 1 tokens sent, 2 counts published, 3 rows received
+  combine:  0 all blocks running, 1 rows sent + flags, 2 tokens reduced, 3 every flag seen
+plus the kernel's total (to its last block's end).
+
+  python3 benchmarks/phase_probes.py [--shapes "T,H,K,E;..."] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_mscclpp_ep as ep  # noqa: E402
+from jax_mscclpp_ep._native import _ep  # noqa: E402
+
+PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows received"),
+          "combine": ("running", "rows sent", "tokens reduced", "flags seen")}
+
+
+def run_shape(mesh, t, h, k, e, steps, force_port):
+    r = mesh.size
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((r, t, h)).astype(jnp.bfloat16)
+    idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(t)]) for _ in range(r)])
+    w = rng.uniform(0.1, 1.0, (r, t, k)).astype(np.float32)
+    put = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, P("ep")))
+    buf = ep.Buffer(ep.EPConfig(e, t, h), mesh=mesh, axis_name="ep", force_port=force_port)
+
+    def body(xs, ids, ws):
+        xs, ids, ws = xs[0], ids[0], ws[0]
+
+        def step(_, carry):
+            acc, order = carry
+            res = ep.dispatch(xs, ids, buf, use_fp8=True, after=order)
+            y = ep.dequantize(res.recv_x, res.recv_scales).astype(jnp.bfloat16)
+            out, order = ep.combine(y, ids, ws, res.handle, buf, return_order=True)
+            return acc + out[0, 0].astype(jnp.float32), order
+        z = jnp.sum(ids[:0]).astype(jnp.int32)
+        acc, _ = lax.fori_loop(0, steps, step, (z.astype(jnp.float32), z))
+        return acc[None]
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    args = (put(x), put(idx.astype(np.int32)), put(w))
+    jax.block_until_ready(f(*args))
+    devs = buf._device_state.devices
+    for d in devs:
+        _ep.ll_timing(buf.id, d, True)
+    jax.block_until_ready(f(*args))
+    rows = [list(_ep.ll_timing(buf.id, d, False)) for d in devs]
+    buf.close()
+    out = {}
+    for kind, (ci, pi) in (("dispatch", (0, 6)), ("combine", (3, 10))):
+        calls = sum(rw[ci] for rw in rows)
+        if len(rows[0]) < 14 or not calls:
+            return None
+        total = sum(rw[ci + 2] for rw in rows) / calls / 1e3
+        probes = [sum(rw[pi + i] for rw in rows) / calls / 1e3 for i in range(4)]
+        out[kind] = (probes, total)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1,7168,8,8;1,7168,8,256;128,7168,8,256")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--force-port", action="store_true")
+    a = ap.parse_args()
+    mesh = Mesh(np.array(jax.devices()), ("ep",))
+    print(f"{mesh.size}x {jax.devices()[0].device_kind}, µs from the kernel's first block start")
+    for spec in a.shapes.split(";"):
+        t, h, k, e = map(int, spec.split(","))
+        res = run_shape(mesh, t, h, k, e, a.steps, a.force_port)
+        if res is None:
+            print("no probe data: build with -DJMEP_LL_PROBES (see the docstring)")
+            return
+        for kind, (probes, total) in res.items():
+            cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(PROBES[kind], probes))
+            print(f"T={t} H={h} K={k} E={e} {kind:8s}: {cells}; end {total:.1f}")
+
+
+if __name__ == "__main__":
+    main()
