@@ -67,9 +67,9 @@ def _scale_rows(rows, recv_scales, inverse: bool):
 
 # ---------------------------------------------------------------- dispatch
 
-def _dispatch_jvp(primals, tangents, **params):
+def _dispatch_jvp(primals, tangents, prim=dispatch_p, **params):
     x, topk_idx, _, _ = primals
-    outs = dispatch_p.bind(*primals, **params)
+    outs = prim.bind(*primals, **params)
     recv_x, recv_scales, _, src_info, layout_range, _, order = outs
     t_out = [_zero_like(o) for o in outs]
     if not _is_zero(tangents[0]):
@@ -107,10 +107,10 @@ def dispatch_dequantized(x, topk_idx, stats, order, **params):
 
 # ---------------------------------------------------------------- combine
 
-def _combine_jvp(primals, tangents, **params):
+def _combine_jvp(primals, tangents, prim=combine_p, **params):
     y, topk_idx, topk_weights, src_info, layout_range, _ = primals
     ty, _, tw = tangents[0], tangents[1], tangents[2]
-    out, order = combine_p.bind(*primals, **params)
+    out, order = prim.bind(*primals, **params)
     t = None
     if not _is_zero(ty):
         t = combine_p.bind(ad.instantiate_zeros(ty), topk_idx, topk_weights, src_info,

@@ -10,9 +10,10 @@ micro-batches on two Buffers, one's communication overlaps the other's compute.
 Results are exactly those of ``dispatch`` / ``combine``.
 
 Rules: between a send half and its receive half nothing else may use the same
-Buffer (use one Buffer per micro-batch); the halves are not differentiable (use
-``dispatch`` / ``combine`` for training). On CPU the send half only passes the
-order token on and the receive half runs the whole reference exchange.
+Buffer (use one Buffer per micro-batch). The halves are differentiable like the
+whole calls (the backward pass runs whole-call exchanges, not split ones). On
+CPU the send half only passes the order token on and the receive half runs the
+whole reference exchange.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
-from . import api
+from . import api, autodiff
 from . import config as cfg
 from .primitives import (_aval_maker, _apply_primitive, _batched_loop, _combine_abstract,
                          _combine_reference, _dispatch_abstract, _dispatch_reference)
@@ -146,3 +147,21 @@ def combine_recv(pending: PendingCombine, *, return_order: bool = False):
         raise TypeError(f"combine_recv takes what combine_send returned, got {type(pending).__name__}")
     out, order = combine_recv_p.bind(*pending.arrays, **dict(pending.params))
     return (out, order) if return_order else out
+
+
+# ---------------------------------------------------------------- derivatives
+# A send half only yields the order token (no tangent); its receive half takes
+# the whole call's operands, so it differentiates like the whole call. The
+# tangents are whole-call exchanges (run after the receive half, on the same
+# Buffer), so a backward pass does not overlap; the forward keeps its split.
+
+def _send_jvp(prim, primals, tangents, **params):
+    del tangents
+    outs = prim.bind(*primals, **params)
+    return outs, [autodiff._zero_like(o) for o in outs]
+
+
+ad.primitive_jvps[dispatch_send_p] = functools.partial(_send_jvp, dispatch_send_p)
+ad.primitive_jvps[combine_send_p] = functools.partial(_send_jvp, combine_send_p)
+ad.primitive_jvps[dispatch_recv_p] = functools.partial(autodiff._dispatch_jvp, prim=dispatch_recv_p)
+ad.primitive_jvps[combine_recv_p] = functools.partial(autodiff._combine_jvp, prim=combine_recv_p)

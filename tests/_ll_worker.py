@@ -435,14 +435,19 @@ def case_grad():
         y = (rx * cs[:, None, None]).astype(BF16)
         return jnp.sum(comb(y).astype(F32) * gs)
 
-    def shard_loss(xs, ws, cs, ids, gs):
-        res = ep.dispatch(xs, ids, buf)
-        return loss_of(res.recv_x, res.recv_count, cs, lambda y: ep.combine(y, ids, ws, res.handle,
-                                                                            buf), gs)
+    def shard_loss(split, xs, ws, cs, ids, gs):
+        if split:  # the halves differentiate like the whole calls
+            res = ep.dispatch_recv(ep.dispatch_send(xs, ids, buf))
+            comb = lambda y: ep.combine_recv(ep.combine_send(y, ids, ws, res.handle, buf))
+        else:
+            res = ep.dispatch(xs, ids, buf)
+            comb = lambda y: ep.combine(y, ids, ws, res.handle, buf)
+        return loss_of(res.recv_x, res.recv_count, cs, comb, gs)
 
-    def fn(xs, ids, ws, cs, gs):
-        return jax.grad(shard_loss, argnums=(0, 1, 2))(xs, ws, cs, ids, gs)
-    f = sharded(fn)
+    def grad_fn(split):
+        return sharded(lambda xs, ids, ws, cs, gs: jax.grad(shard_loss, argnums=(1, 2, 3))(
+            split, xs, ws, cs, ids, gs))
+    fns = {split: grad_fn(split) for split in (False, True)}
 
     def ref_loss(x, w, c, idx, g):
         d = ep.reference.dispatch_global(x, idx, num_experts=e, max_tokens=m)
@@ -453,20 +458,21 @@ def case_grad():
                                           max_tokens=m)
         return jnp.sum(out.astype(F32) * g)
 
-    for kind in ("random", "dups"):
+    for kind, split in (("random", False), ("dups", False), ("random", True), ("dups", True)):
         x, idx, w = make_inputs(m, h, k, e, kind=kind)
         c = RNG.uniform(0.5, 2.0, (R, le)).astype(np.float32)
         g = RNG.standard_normal((R, m, h)).astype(np.float32)
-        got = [local(o) for o in f(put(x), put(idx), put(w), put(c), put(g))]
+        got = [local(o) for o in fns[split](put(x), put(idx), put(w), put(c), put(g))]
         with jax.default_device(CPU):
             want = jax.tree.map(np.asarray, jax.grad(ref_loss, argnums=(0, 1, 2))(
                 jnp.asarray(x), jnp.asarray(w), jnp.asarray(c), jnp.asarray(idx), jnp.asarray(g)))
         for name, gg, ww in zip(("x", "topk_weights", "expert scale"), got, want):
             for r in gg:
                 a, b = gg[r].astype(np.float32), ww[r].astype(np.float32)
-                assert np.all(np.isfinite(a)), f"grad {name} ({kind}) rank {r}: non-finite"
+                tag = f"grad {name} ({kind}{', split' if split else ''}) rank {r}"
+                assert np.all(np.isfinite(a)), f"{tag}: non-finite"
                 err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-                assert err < 1e-2, f"grad {name} ({kind}) rank {r}: norm rel err {err:.3g}"
+                assert err < 1e-2, f"{tag}: norm rel err {err:.3g}"
     buf.check()
 
 
