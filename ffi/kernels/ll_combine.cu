@@ -81,10 +81,15 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
     __syncthreads();
     if (tid == 0) {
       ll_clean_prev(s, prev, j, r);
-      __threadfence_system();  // rows (and the clears) before the flag
+      // Rows (the block's, ordered by the __syncthreads) and the clears before
+      // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, e, E);
-      if (port) ll_port_add(s.handles, r, flag, 1);
-      else ll_direct_add(s_pbase[r], flag, 1);
+      if (port) {
+        __threadfence_system();
+        ll_port_add(s.handles, r, flag, 1);
+      } else {
+        ll_direct_add(s_pbase[r], flag, 1);
+      }
     }
   }
 

@@ -80,32 +80,36 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
       pre1 = a.use_fp8 ? __ldg(xrow + 2 * tid + 1)
                        : (tid + kThreads < nvec ? __ldg(xrow + tid + kThreads) : pre1);
     }
-    if (tid < K) {
-      const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
-      int dst = -1;
-      long long off = 0;
-      if (e >= 0 && e < E) {
-        bool dup = false;  // one message per (token, expert): only the first slot sends
-        for (int k2 = 0; k2 < tid; ++k2)
-          dup |= ll_load_idx(a.topk_idx, int64_t(t) * K + k2, a.idx64) == e;
-        if (!dup) {
-          const int slot = atomicAdd(&s.slot_ctr[e], 1);
-          dst = static_cast<int>(e / LE);
-          off = L.dispatch_slot(half, e % LE, s.rank, slot, R, M);
-          if (weighted) {  // the expert's weight: all of its slots (duplicates add up)
-            float w = 0.f;
-            for (int k2 = 0; k2 < K; ++k2)
-              if (ll_load_idx(a.topk_idx, int64_t(t) * K + k2, a.idx64) == e)
-                w = __fadd_rn(w, a.slot_weights[int64_t(t) * K + k2]);
-            s_wt[tid] = w;
-          }
-        }
-      } else if (e != -1 && !weighted) {  // the forward dispatch already counted it
-        atomicAdd(&s.state->dropped, 1);
+    if (warp == 0) {
+      // Lane k holds slot k's expert; duplicates and weight sums come from
+      // shuffles (one load of the row's indices, no re-reads).
+      const int64_t e = lane < K ? ll_load_idx(a.topk_idx, int64_t(t) * K + lane, a.idx64) : -2;
+      const float wk = weighted && lane < K ? a.slot_weights[int64_t(t) * K + lane] : 0.f;
+      bool dup = false;  // one message per (token, expert): only the first slot sends
+      float w = 0.f;     // weighted: the expert's weight, all of its slots in slot order
+      for (int k2 = 0; k2 < K; ++k2) {
+        const int64_t o = __shfl_sync(0xffffffffu, e, k2);
+        const float ow = __shfl_sync(0xffffffffu, wk, k2);
+        dup |= k2 < lane && o == e;
+        if (o == e) w = __fadd_rn(w, ow);
       }
-      s_dst[tid] = dst;
-      s_exp[tid] = static_cast<int>(e);
-      s_off[tid] = off;
+      if (lane < K) {
+        int dst = -1;
+        long long off = 0;
+        if (e >= 0 && e < E) {
+          if (!dup) {
+            const int slot = atomicAdd(&s.slot_ctr[e], 1);
+            dst = static_cast<int>(e / LE);
+            off = L.dispatch_slot(half, e % LE, s.rank, slot, R, M);
+            if (weighted) s_wt[lane] = w;
+          }
+        } else if (e != -1 && !weighted) {  // the forward dispatch already counted it
+          atomicAdd(&s.state->dropped, 1);
+        }
+        s_dst[lane] = dst;
+        s_exp[lane] = static_cast<int>(e);
+        s_off[lane] = off;
+      }
     }
     __syncthreads();
     bool any_port = false;
@@ -178,8 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
           ll_port_add(s.handles, p, s_off[tid] + 8,
                       static_cast<int64_t>(__float_as_uint(s_wt[tid])));
       }
-      __threadfence();
-      atomicAdd(&s.finish_ctr[s_exp[tid]], 1);  // this token is out for that expert
+      ll_release_add_gpu(&s.finish_ctr[s_exp[tid]], 1);  // this token is out for that expert
     }
     __syncthreads();
   }
@@ -216,11 +219,16 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
       s.finish_ctr[e] = 0;  // every claim for e is done: ready for the next call
       s.slot_ctr[e] = 0;
       ll_clean_prev(s, prev, j, p);
-      __threadfence_system();  // data (and the clears) before the count
+      // Data (and the clears) before the count: the senders' release-adds were
+      // acquired above, so the count's release covers their stores.
       const int64_t at = L.dispatch_counter(half, j, s.rank, R);
       const int64_t delta = -static_cast<int64_t>(expected) - 1;
-      if (s_kind[p] == kLlPort) ll_port_add(s.handles, p, at, delta);
-      else ll_direct_add(s_pbase[p], at, delta);
+      if (s_kind[p] == kLlPort) {
+        __threadfence_system();
+        ll_port_add(s.handles, p, at, delta);
+      } else {
+        ll_direct_add(s_pbase[p], at, delta);
+      }
     }
   }
 

@@ -52,11 +52,20 @@ __device__ __forceinline__ void ll_port_add(ChannelDeviceHandle* h, int peer, ui
 #endif
 }
 
-// Signed add on a signal word we can address directly (self or NVLink peer).
-// The caller has already fenced the data it publishes (fence.sc.sys).
+// Signed add on a signal word we can address directly (self or NVLink peer),
+// as a system-scope release. Release is cumulative in the PTX memory model:
+// every write this thread has observed (its block's, after a __syncthreads;
+// other blocks', after an acquire of their release-add) is visible to a peer
+// whose acquire load sees the add. Cheaper than fence.sc.sys + a relaxed add.
 __device__ __forceinline__ void ll_direct_add(char* base, int64_t off, int64_t delta) {
-  atomicAdd(reinterpret_cast<unsigned long long*>(base + off),
-            static_cast<unsigned long long>(delta));
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(base + off),
+               "l"(static_cast<uint64_t>(delta)) : "memory");
+}
+
+// Add on a counter that other blocks of this kernel acquire (gpu scope): the
+// adding thread's observed writes (e.g. its block's stores, to any GPU) come first.
+__device__ __forceinline__ void ll_release_add_gpu(int32_t* p, int32_t v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 // True (after recording a timeout) once a wait that began at `start` should
