@@ -95,13 +95,21 @@ struct LlCombineArgs {
   bool per_slot;
 };
 
-// One warp copies n 16-byte vectors, four loads in flight per lane (a plain
-// load-store loop waits out one memory latency per vector). kCacheGlobal: the
+// One warp copies n 16-byte vectors, eight (then four) loads in flight per lane:
+// a plain load-store loop waits out one memory latency per vector, and the
+// copies here are latency-bound (a few rows per block). kCacheGlobal: the
 // source was written by peers during this kernel (skip L1); else read-only.
 template <bool kCacheGlobal>
 __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n, int lane) {
   auto load = [](const uint4* p) { return kCacheGlobal ? __ldcg(p) : __ldg(p); };
   int c = lane;
+  for (; c + 224 < n; c += 256) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = load(src + c + 32 * u);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) dst[c + 32 * u] = v[u];
+  }
   for (; c + 96 < n; c += 128) {
     const uint4 v0 = load(src + c), v1 = load(src + c + 32), v2 = load(src + c + 64),
                 v3 = load(src + c + 96);

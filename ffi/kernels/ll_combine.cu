@@ -1,8 +1,9 @@
 // LL combine: the mirror of dispatch, one kernel, all blocks co-resident.
-//  send:    block per (local expert j, source rank r): each row of the block
-//           [offset, offset+count) goes back to r's slot (expert, token) —
-//           a direct NVLink store, or staged + put for port peers — then one
-//           flag add tells r that expert j's rows for it are all there.
+//  send:    pairs (local expert j, source rank r) spread over the blocks, a
+//           few per pass: each row of a pair's block [offset, offset+count)
+//           goes back to r's slot (expert, token) — a direct NVLink store, or
+//           staged + put for port peers — then one flag add tells r that
+//           expert j's rows for it are all there.
 //  receive: block per token; wait for the flags of its experts, then
 //           out[t] = sum_k w[t,k] * row(t, e_k), f32 accumulation, one bf16
 //           rounding (same order of operations as the reference: mul, add).
@@ -16,6 +17,7 @@ namespace jmep {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int kGroup = 2;  // (expert, rank) pairs a block sends in one pass (wider: slower code)
 
 __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombineArgs a) {
   const LlStatic& s = a.s;
@@ -44,47 +46,87 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   ll_probe(s.state, 0);  // every block running
 
   // ---------------------------------------------------------------- send
-  for (int q = blockIdx.x; q < send_blocks; q += gridDim.x) {
-    const int j = q / R, r = q % R;
-    const int64_t lr = a.layout_range[q];
-    int off = static_cast<int>(lr >> 32), cnt = static_cast<int>(lr & 0xffffffff);
-    // A handle from elsewhere must not make us write out of bounds.
-    if (cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
-    const int e = s.rank * LE + j;
-    const bool port = s_kind[r] == kLlPort;
+  // A block takes its pairs (j, r) q = blockIdx.x + i * gridDim.x up to
+  // kGroup at a time and copies all their rows in one pass: a pass per pair
+  // would wait out the handle loads and the copy's latency once per pair.
+  for (int q0 = blockIdx.x; q0 < send_blocks; q0 += gridDim.x * kGroup) {
+    // Every thread reads the group's handle entries itself (broadcast loads,
+    // all in flight at once): no barrier before the copy.
+    int64_t lr[kGroup];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int q = q0 + g * gridDim.x;
+      lr[g] = q < send_blocks ? a.layout_range[q] : 0;
+    }
+    int first[kGroup + 1];
+    bool any_port = false;
+    first[0] = 0;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int q = q0 + g * gridDim.x;
+      const int off = static_cast<int>(lr[g] >> 32);
+      int cnt = static_cast<int>(lr[g] & 0xffffffff);
+      // A handle from elsewhere must not make us write out of bounds.
+      if (q >= send_blocks || cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
+      first[g + 1] = first[g] + cnt;
+      any_port |= q < send_blocks && s_kind[q % R] == kLlPort;
+    }
+    const int nrows = first[kGroup];
+    // Row i of the pass: its pair g, that pair's q and its handle row.
+    auto locate = [&](int i, int* q, int64_t* row) {
+      int g = 0;
+#pragma unroll
+      for (int h = 1; h < kGroup; ++h) g += i >= first[h];
+      int64_t l = 0;
+      int f = 0;
+#pragma unroll
+      for (int h = 0; h < kGroup; ++h)
+        if (h == g) l = lr[h], f = first[h];
+      *q = q0 + g * gridDim.x;
+      *row = int64_t(*q / R) * R * M + static_cast<int>(l >> 32) + (i - f);
+    };
     // Rows are few per pair (T*K/E on average): split each row over several
     // warps so the whole block copies.
-    const int split = cnt > 0 && cnt < nwarps ? nwarps / cnt : 1;
+    const int split = nrows > 0 && nrows < nwarps ? nwarps / nrows : 1;
     const int per = (nvec + split - 1) / split;
-    for (int wi = warp; wi < cnt * split; wi += nwarps) {
+    for (int wi = warp; wi < nrows * split; wi += nwarps) {
       const int i = wi / split, c0 = (wi % split) * per;
       const int n = min(per, nvec - c0);
-      const int64_t row = int64_t(j) * R * M + off + i;
+      int q;
+      int64_t row;
+      locate(i, &q, &row);
+      const int j = q / R, r = q % R;
       const int tok = a.src_info[row];
       if (tok < 0 || tok >= M || n <= 0) continue;
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
-      char* base = port ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
-                        : s_pbase[r] + L.combine_slot(half, e, tok, M);
+      char* base = s_kind[r] == kLlPort
+                       ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
+                       : s_pbase[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
       ll_warp_copy<false>(reinterpret_cast<uint4*>(base) + c0, src, n, lane);
     }
-    if (port) {
+    if (any_port) {
       __threadfence_system();  // staged rows visible to the proxy's copy engine
       __syncthreads();
-      for (int i = tid; i < cnt; i += blockDim.x) {
-        const int64_t row = int64_t(j) * R * M + off + i;
+      for (int i = tid; i < nrows; i += blockDim.x) {
+        int q;
+        int64_t row;
+        locate(i, &q, &row);
+        const int j = q / R, r = q % R;
+        if (s_kind[r] != kLlPort) continue;
         const int tok = a.src_info[row];
         if (tok < 0 || tok >= M) continue;
-        ll_port_put(s.handles, r, L.combine_slot(half, e, tok, M),
+        ll_port_put(s.handles, r, L.combine_slot(half, s.rank * LE + j, tok, M),
                     L.half_base(half) + L.send_off + row * L.combine_msg, row_bytes);
       }
     }
     __syncthreads();
-    if (tid == 0) {
+    if (tid < kGroup && q0 + tid * gridDim.x < send_blocks) {
+      const int q = q0 + tid * gridDim.x, j = q / R, r = q % R;
       ll_clean_prev(s, prev, j, r);
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
-      const int64_t flag = L.combine_flag(half, e, E);
-      if (port) {
+      const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
+      if (s_kind[r] == kLlPort) {
         __threadfence_system();
         ll_port_add(s.handles, r, flag, 1);
       } else {
