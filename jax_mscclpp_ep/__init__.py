@@ -7,7 +7,7 @@ channel layer, on CPUs to a pure-JAX reference with the same contract.
 
 from . import config, reference
 from ._native import cuda_enabled, native_version
-from .api import DispatchHandle, DispatchResult, combine, dispatch
+from .api import DispatchHandle, DispatchResult, combine, dispatch, invalid_ids
 from .buffer import Buffer, BufferClosedError
 from .config import EPConfig, size_hint
 from .primitives import combine_p, dispatch_p
@@ -26,6 +26,6 @@ if cuda_enabled() and _ilu.find_spec(__name__ + ".gpu") is not None:
 __all__ = [
     "Buffer", "BufferClosedError", "DispatchHandle", "DispatchResult", "EPConfig", "combine",
     "combine_p", "config", "cuda_enabled", "dequantize", "dispatch", "dispatch_p", "fp8_cast",
-    "native_version", "reference", "size_hint", "unpack_layout", "dispatch_send", "dispatch_recv",
+    "invalid_ids", "native_version", "reference", "size_hint", "unpack_layout", "dispatch_send", "dispatch_recv",
     "combine_send", "combine_recv", "PendingDispatch", "PendingCombine", "moe",
 ]

@@ -81,9 +81,27 @@ def _order_from(after) -> jax.Array:
     return order
 
 
+def invalid_ids(topk_idx, num_experts: int) -> jax.Array:
+    """int32 scalar: how many entries of topk_idx lie outside [-1, num_experts).
+
+    dispatch drops such slots (treated like -1, counted by ``Buffer.dropped_ids``);
+    this is the same count computed in the graph, for this rank's rows.
+    """
+    idx = jnp.asarray(topk_idx)
+    return jnp.sum(((idx < -1) | (idx >= num_experts)).astype(jnp.int32))
+
+
+def _check_ids(topk_idx, num_experts: int, what: str) -> None:
+    # Imported here: checkify is only needed by callers who ask for the check.
+    from jax.experimental import checkify
+    n = invalid_ids(topk_idx, num_experts)
+    checkify.check(n == 0, f"jax_mscclpp_ep.{what}: topk_idx holds {{n}} expert ids outside "
+                   f"[-1, {num_experts}); dispatch would drop them", n=n)
+
+
 def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = BUFFER_AXIS,
              use_fp8: bool = False, round_scale: bool = False, stats=None,
-             after=None, dequantize: bool = False) -> DispatchResult:
+             after=None, dequantize: bool = False, check_ids: bool = False) -> DispatchResult:
     """Send each token to the ranks holding its top-k experts (the LL contract).
 
     x: [T, H] bf16 (T <= M); topk_idx: [T, K] int32/int64, -1 = no expert.
@@ -95,6 +113,10 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     dequantize: with use_fp8, return recv_x already dequantised to bf16 (recv_scales
     are still returned); the form to differentiate, its backward treating the fp8
     cast as identity.
+    check_ids: add a ``jax.experimental.checkify`` check that every expert id lies in
+    [-1, E); wrap the caller in ``checkify.checkify(f, errors=checkify.user_checks)``
+    (without that wrapper, staging the check is an error). Without it, bad ids are
+    dropped and counted (``Buffer.dropped_ids``, ``invalid_ids``).
     Differentiable w.r.t. x: the backward pass brings each row's cotangent back to
     its token and sums over the token's experts.
     """
@@ -104,6 +126,8 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     if round_scale and not use_fp8:
         raise ValueError("round_scale=True needs use_fp8=True")
     cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
+    if check_ids:
+        _check_ids(topk_idx, config.num_experts, "dispatch")
     le = config.num_experts // num_ranks
     stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
     if dequantize and not use_fp8:

@@ -10,9 +10,18 @@ each dp group is its own EP group). ``sharded_moe`` builds that shard_map.
 ``moe_dense`` is the same model without expert parallelism, with the same
 bf16 roundings (the oracle of the tests and of examples/train_moe.py).
 
-The expert FFN runs over the whole [LE, R*M, H] layout with the rows past
-``recv_count`` masked to zero (a masked batched matmul: works everywhere; a
-grouped matmul over the packed rows would skip them).
+Three expert FFNs (``moe_layer(ffn=...)``), equal up to f32 summation order;
+dispatch packs each expert's valid rows at the front of its R*M-row block:
+  "masked":   a batched matmul over the whole [LE, R*M, H] layout, rows past
+              ``recv_count`` zeroed: LE*R*M rows of work for about M*K valid ones.
+  "bucketed": the same over the first B rows of every block, B the smallest of a
+              few static sizes (R*M/16, /8, /4, /2, all) that holds the fullest
+              expert, picked on the device with ``lax.switch``: exact for any
+              routing, and a fraction of the work for balanced routing.
+  "ragged":   the valid rows gathered into one [R*M*min(K, LE), H] array and
+              ``lax.ragged_dot``: least work where the backend has a grouped
+              matmul; XLA:GPU (jax 0.11) expands it to padded batched matmuls,
+              which is slower than "masked" (benchmarks/results/ffn_h200x1.md).
 """
 
 from __future__ import annotations
@@ -77,9 +86,81 @@ def expert_ffn(rows, w_in, w_out, counts: Optional[jax.Array] = None):
     return out
 
 
+def packed_capacity(num_ranks: int, max_tokens: int, top_k: int, local_experts: int) -> int:
+    """Most rows dispatch can deliver to one rank: each of the R*M source tokens
+    sends at most one message per distinct local expert."""
+    return num_ranks * max_tokens * min(top_k, local_experts)
+
+
+def expert_ffn_ragged(rows, w_in, w_out, counts, capacity: int):
+    """``expert_ffn`` over the valid rows only: rows [G, N, H] bf16 -> [G, N, H] bf16.
+
+    Rows [0, counts[g]) of each group are gathered into a [C, H] array
+    (C = min(capacity, G*N), group after group), multiplied with
+    ``lax.ragged_dot`` and gathered back; rows past counts[g] come out zero
+    (and take no gradient), like ``expert_ffn(..., counts)``. capacity must
+    bound sum(counts) (``packed_capacity``); rows beyond it would be zeroed.
+    """
+    g_, n_, h_ = rows.shape
+    c_ = int(min(capacity, g_ * n_))
+    counts = jnp.clip(counts.astype(jnp.int32), 0, n_)
+    ends = jnp.minimum(jnp.cumsum(counts), c_)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts                                   # sums to <= C, as ragged_dot needs
+    # packed position p -> its group and that group's row
+    p = jnp.arange(c_, dtype=jnp.int32)
+    grp = jnp.minimum(jnp.searchsorted(ends, p, side="right").astype(jnp.int32), g_ - 1)
+    live = p < ends[-1]
+    src = jnp.where(live, grp * n_ + p - starts[grp], 0)
+    packed = jnp.where(live[:, None], rows.reshape(g_ * n_, h_)[src], jnp.zeros((), rows.dtype))
+    hid = lax.ragged_dot(packed, w_in.astype(jnp.bfloat16), sizes,
+                         preferred_element_type=jnp.float32)
+    hid = jax.nn.silu(hid).astype(jnp.bfloat16)
+    out = lax.ragged_dot(hid, w_out.astype(jnp.bfloat16), sizes,
+                         preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    # layout row (g, i) <- packed row starts[g] + i while i < sizes[g]
+    i = jnp.arange(n_, dtype=jnp.int32)[None, :]
+    valid = i < sizes[:, None]
+    dst = jnp.where(valid, starts[:, None] + i, 0)
+    return jnp.where(valid[..., None], out[dst], jnp.zeros((), out.dtype))
+
+
+def bucket_sizes(n: int, buckets=None) -> tuple:
+    """The static row counts ``expert_ffn_bucketed`` chooses from (ascending, last = n)."""
+    if buckets is None:
+        buckets = [n // d for d in (16, 8, 4, 2)]
+    sizes = {min(n, max(8, -(-int(b) // 8) * 8)) for b in buckets if int(b) > 0}  # multiples of 8
+    return tuple(sorted(sizes | {n}))
+
+
+def expert_ffn_bucketed(rows, w_in, w_out, counts, buckets=None):
+    """``expert_ffn(rows, w_in, w_out, counts)`` over the first B rows of each group only.
+
+    B is the smallest of ``bucket_sizes(N, buckets)`` with B >= max(counts),
+    chosen on the device (``lax.switch``; every size is compiled, one runs);
+    rows past B are valid in no group and come out zero. Under ``vmap`` the
+    switch becomes a select that runs every size: use "masked" there.
+    """
+    n = rows.shape[1]
+    sizes = bucket_sizes(n, buckets)
+    need = jnp.max(jnp.clip(counts.astype(jnp.int32), 0, n), initial=0)
+    which = jnp.sum(need > jnp.asarray(sizes[:-1], jnp.int32)).astype(jnp.int32)
+
+    def run(b):
+        def branch(r, wi, wo, c):
+            out = expert_ffn(r[:, :b], wi, wo, c)
+            return jnp.pad(out, ((0, 0), (0, n - b), (0, 0))) if b < n else out
+        return branch
+
+    return lax.switch(which, [run(b) for b in sizes], rows, w_in, w_out, counts)
+
+
+_FFNS = ("bucketed", "masked", "ragged")
+
+
 def moe_layer(params, x, buffer, *, top_k: int, score: str = "softmax", normalize: bool = True,
               axis_name=api.BUFFER_AXIS, use_fp8: bool = False, token_mask=None, after=None,
-              return_order: bool = False):
+              return_order: bool = False, ffn: str = "bucketed"):
     """This rank's MoE output [T, H] bf16 (call inside shard_map over the EP axis).
 
     params: this rank's shard (router [H, E], w_in [LE, H, F], w_out [LE, F, H]).
@@ -88,13 +169,24 @@ def moe_layer(params, x, buffer, *, top_k: int, score: str = "softmax", normaliz
     token_mask: optional [T] bool; masked tokens (padding) send nothing and get zeros,
     so a fixed-shape step can carry a varying number of live tokens.
     after / return_order: order tokens to chain with other calls on the buffer.
+    ffn: "bucketed" (default), "masked" or "ragged": see the module docstring.
     """
+    if ffn not in _FFNS:
+        raise ValueError(f"ffn must be one of {_FFNS}, got {ffn!r}")
     idx, w = route(params["router"], x, top_k, score, normalize)
     if token_mask is not None:
         idx = jnp.where(token_mask[:, None], idx, -1)
     res = api.dispatch(x.astype(jnp.bfloat16), idx, buffer, axis_name=axis_name, use_fp8=use_fp8,
                        dequantize=use_fp8, after=after)
-    y = expert_ffn(res.recv_x, params["w_in"], params["w_out"], res.recv_count)
+    rows, w_in, w_out, counts = res.recv_x, params["w_in"], params["w_out"], res.recv_count
+    if ffn == "ragged":
+        le, rm = rows.shape[0], rows.shape[1]
+        m = api._resolve(buffer, axis_name)[0].max_tokens_per_rank
+        y = expert_ffn_ragged(rows, w_in, w_out, counts, packed_capacity(rm // m, m, top_k, le))
+    elif ffn == "bucketed":
+        y = expert_ffn_bucketed(rows, w_in, w_out, counts)
+    else:
+        y = expert_ffn(rows, w_in, w_out, counts)
     return api.combine(y, idx, w, res.handle, buffer, axis_name=axis_name,
                        return_order=return_order)
 

@@ -105,3 +105,20 @@ def test_bench_sweep_dry_run(tmp_path):
         assert _is_png(png)
     else:
         assert "plot_ll.py" in p.stdout and not png.exists()
+
+
+def test_bench_ffn_cpu_dry_run(tmp_path):
+    """bench_ffn.py on the CPU: every FFN variant timed, results agree, files written."""
+    out = tmp_path / "ffn"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(BENCH / "bench_ffn.py"), "--shapes", "2,8,128,64,2,8;4,4,128,32,4,16",
+           "--reps", "2", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "ffn.json").read_text())
+    assert [(r["R"], r["E"]) for r in res["rows"]] == [(2, 8), (4, 16)]
+    for r in res["rows"]:
+        for v in ("masked", "bucketed", "ragged"):
+            assert r[f"{v}_fwd_us"] > 0 and r[f"{v}_fwd_bwd_us"] > 0, (v, r)
+        assert r["max_count"] <= r["bucket"] and r["max_rel_diff"] < 1e-2, r
+    assert "fwd masked / bucketed / ragged" in (tmp_path / "ffn.md").read_text()

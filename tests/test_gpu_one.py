@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_mscclpp_ep as ep
@@ -78,13 +79,18 @@ def test_gradients_match_reference(gpu_mesh):
     with jax.default_device(jax.devices("cpu")[0]):
         v_ref, g_ref = _grads(cpu_mesh, ep.Buffer(config, mesh=cpu_mesh, axis_name="ep"),
                               x, idx, w, w1, g)
-    assert abs(v_gpu - v_ref) <= 1e-2 * max(abs(v_ref), 1.0), f"seed {seed}: loss {v_gpu} vs {v_ref}"
+    # The loss is a sum of T*H terms of either sign (it may cancel to near 0), and XLA:CPU may
+    # skip combine's bf16 rounding inside the fused loss (excess precision): bound the
+    # difference by the terms' size, |out| <= sum_k w (|tanh| <= 1). A lost row costs ~|g|*sqrt(H).
+    scale = float(np.sum(np.abs(g) * np.sum(np.where(idx >= 0, w, 0), -1)[..., None]))
+    assert abs(v_gpu - v_ref) <= 1e-4 * scale, f"seed {seed}: loss {v_gpu} vs {v_ref} (scale {scale})"
     for name, a, b in zip(("x", "topk_weights", "w1"), g_gpu, g_ref):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert u.norm_rel_err(a, b) < 1e-2, f"seed {seed}: grad {name} norm rel err {u.norm_rel_err(a, b)}"
 
 
-def test_moe_layer_matches_dense(gpu_mesh):
+@pytest.mark.parametrize("ffn", ["bucketed", "masked", "ragged"])
+def test_moe_layer_matches_dense(gpu_mesh, ffn):
     r = gpu_mesh.size
     hdim, f, e, k, n = 256, 128, 8, 2, 32 * r
     rng, seed = u.fresh_rng()
@@ -92,7 +98,7 @@ def test_moe_layer_matches_dense(gpu_mesh):
     x = jnp.asarray(rng.standard_normal((n, hdim)), jnp.bfloat16)
     c = jnp.asarray(rng.standard_normal((n, hdim)), jnp.float32)
     with ep.Buffer(ep.EPConfig(e, n // r, hdim), mesh=gpu_mesh, axis_name="ep") as buf:
-        f_ep = moe.sharded_moe(gpu_mesh, buf, top_k=k)
+        f_ep = moe.sharded_moe(gpu_mesh, buf, top_k=k, ffn=ffn)
         out_ep = jax.jit(f_ep)(params, x)
         g_ep = jax.jit(jax.grad(lambda p: jnp.sum(c * f_ep(p, x).astype(jnp.float32))))(params)
         buf.check()
@@ -121,6 +127,20 @@ def test_bad_expert_ids_dropped_and_counted(gpu_mesh):
         counts = np.asarray(f(put(x), put(idx)))
         buf.check()
         assert buf.dropped_ids() == n_bad, f"seed {seed}"
+
+        # The same count in the graph, and the checkify check (check_ids=True).
+        def checked(x, idx):
+            res = ep.dispatch(x[0], idx[0], buf, check_ids=True)
+            return res.recv_count[None], ep.invalid_ids(idx[0], e)[None]
+        g = jax.jit(checkify.checkify(
+            jax.shard_map(checked, mesh=gpu_mesh, in_specs=P("ep"), out_specs=P("ep")),
+            errors=checkify.user_checks))
+        err, (counts2, n_in_graph) = g(put(x), put(idx))
+        assert int(np.asarray(n_in_graph).sum()) == n_bad, f"seed {seed}"
+        assert "expert ids outside [-1, 8)" in (err.get() or ""), f"seed {seed}: {err.get()}"
+        np.testing.assert_array_equal(np.asarray(counts2), counts, f"seed {seed}")
+        err, _ = g(put(x), put(np.where(bad, -1, idx).astype(np.int32)))
+        assert err.get() is None, f"seed {seed}"
     good = np.where((idx >= 0) & (idx < e), idx, -1)
     want = np.zeros(e, np.int64)
     for src in range(r):

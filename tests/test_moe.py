@@ -67,3 +67,73 @@ class MoELayer(parameterized.TestCase):
         out = moe.expert_ffn(rows, p["w_in"], p["w_out"], jnp.asarray([2, 1], jnp.int32))
         assert np.isfinite(np.asarray(out, np.float32)).all()
         assert np.all(np.asarray(out[1, 1:], np.float32) == 0)
+
+
+class FFNVariants(parameterized.TestCase):
+    """ffn="bucketed" and "ragged" equal the masked batched matmul, values and gradients."""
+
+    @parameterized.product(kind=["bucketed", "ragged"], shape=[(4, 64, 0), (3, 16, 0), (5, 32, 2)])
+    def test_equals_masked(self, kind, shape):
+        g, n, k_full = shape
+        rng, seed = u.fresh_rng()
+        p = moe.init_params(jax.random.key(int(rng.integers(1 << 31))), H, F, g, scale=2.0)
+        rows = jnp.asarray(rng.standard_normal((g, n, H)) * 2, jnp.bfloat16)
+        # the fullest group anywhere from empty to full: every bucket gets picked
+        top = int(rng.integers(0, n + 1))
+        counts = rng.integers(0, top + 1, size=g)
+        counts[rng.integers(g)] = top
+        counts[:k_full] = n           # some groups full, the layout's worst case
+        counts = jnp.asarray(counts, jnp.int32)
+        c = jnp.asarray(rng.standard_normal((g, n, H)), jnp.float32)
+        cap = int(counts.sum()) + int(rng.integers(0, 3))
+        valid = (jnp.arange(n)[None, :] < counts[:, None])[..., None]
+        # NaN garbage past the counts must not leak (dispatch leaves those rows unspecified)
+        rows_nan = jnp.where(valid, rows, jnp.nan)
+
+        def loss(fn, r, wi, wo):
+            return jnp.sum(c * fn(r, wi, wo).astype(jnp.float32))
+        masked = lambda r, wi, wo: moe.expert_ffn(r, wi, wo, counts)
+        if kind == "ragged":
+            other = lambda r, wi, wo: moe.expert_ffn_ragged(r, wi, wo, counts, cap)
+        else:
+            other = lambda r, wi, wo: moe.expert_ffn_bucketed(r, wi, wo, counts)
+        a = jax.jit(other)(rows_nan, p["w_in"], p["w_out"])
+        b = jax.jit(masked)(rows, p["w_in"], p["w_out"])
+        msg = f"seed {seed}, counts {np.asarray(counts)}"
+        assert np.isfinite(np.asarray(a, np.float32)).all(), msg
+        assert u.rel_err(a, b) < 1e-2, f"{msg}: {u.rel_err(a, b)}"
+        assert np.all(np.asarray(jnp.where(valid, 0, a), np.float32) == 0), msg
+        ga = jax.jit(jax.grad(lambda *v: loss(other, *v), argnums=(0, 1, 2)))(
+            rows_nan, p["w_in"], p["w_out"])
+        gb = jax.jit(jax.grad(lambda *v: loss(masked, *v), argnums=(0, 1, 2)))(
+            rows, p["w_in"], p["w_out"])
+        for name, x, y in zip(("rows", "w_in", "w_out"), ga, gb):
+            assert np.isfinite(np.asarray(x, np.float32)).all(), f"{msg}: {name}"
+            assert u.norm_rel_err(x, y) < 2e-2, f"{msg}: {name} {u.norm_rel_err(x, y)}"
+
+    def test_bucket_sizes(self):
+        self.assertEqual(moe.bucket_sizes(256), (16, 32, 64, 128, 256))
+        self.assertEqual(moe.bucket_sizes(20), (8, 16, 20))
+        self.assertEqual(moe.bucket_sizes(64, [5, 30, 100]), (8, 32, 64))
+
+    @parameterized.product(r=[1, 4], ffn=["bucketed", "masked", "ragged"])
+    def test_layer_equals_dense(self, r, ffn):
+        mesh = Mesh(np.array(jax.devices("cpu")[:r]), ("ep",))
+        params, x, c, seed = _case(8 * r)
+        config = ep.EPConfig(E, 8, H)
+        f_ep = moe.sharded_moe(mesh, config, top_k=K, ffn=ffn)
+        loss = lambda p, f: jnp.sum(c * f(p, x).astype(jnp.float32))
+        dense = lambda p, xx: moe.moe_dense(p, xx, top_k=K)
+        out_d = jax.jit(dense)(params, x)
+        out_e = jax.jit(f_ep)(params, x)
+        assert u.rel_err(out_e, out_d) < 1e-2, f"seed {seed}: {u.rel_err(out_e, out_d)}"
+        g_e = jax.jit(jax.grad(lambda p: loss(p, f_ep)))(params)
+        g_d = jax.jit(jax.grad(lambda p: loss(p, dense)))(params)
+        for key in ("router", "w_in", "w_out"):
+            assert u.norm_rel_err(g_e[key], g_d[key]) < 2e-2, f"seed {seed}: {key}"
+
+    def test_bad_ffn_name(self):
+        mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
+        params, x, _, _ = _case(8)
+        with self.assertRaisesRegex(ValueError, "ffn must be one of"):
+            jax.jit(moe.sharded_moe(mesh, ep.EPConfig(E, 8, H), top_k=K, ffn="dense"))(params, x)
