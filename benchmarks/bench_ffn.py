@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -26,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_ll import time_calls  # noqa: E402  (this folder: the same timing as bench_ll)
 from jax_mscclpp_ep import moe  # noqa: E402
 
 DEFAULT_SHAPES = "2,128,7168,2048,8,256;8,128,7168,2048,8,256;2,128,4096,1408,8,64;2,16,7168,2048,8,256"
@@ -36,16 +35,6 @@ def routed_counts(rng, r, m, k, e):
     le = e // r
     picks = np.stack([rng.permutation(e)[:k] for _ in range(r * m)])
     return np.bincount(picks[picks < le], minlength=le).astype(np.int32)
-
-
-def timed(f, args, reps):
-    jax.block_until_ready(f(*args))  # compile
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(ts)
 
 
 def main():
@@ -83,8 +72,8 @@ def main():
             bwd = jax.jit(jax.grad(
                 lambda x, wi, wo, c, fn=fn: jnp.sum((fn(x, wi, wo, c) * ct).astype(jnp.float32)),
                 argnums=(0, 1, 2)))
-            res[f"{name}_fwd_us"] = timed(fwd, (rows, w_in, w_out, cnt), a.reps)
-            res[f"{name}_fwd_bwd_us"] = timed(bwd, (rows, w_in, w_out, cnt), a.reps)
+            res[f"{name}_fwd_us"] = time_calls(fwd, (rows, w_in, w_out, cnt), a.reps)
+            res[f"{name}_fwd_bwd_us"] = time_calls(bwd, (rows, w_in, w_out, cnt), a.reps)
             outs[name] = np.asarray(fwd(rows, w_in, w_out, cnt), np.float32)
         ref = max(np.abs(outs["masked"]).max(), 1e-30)
         res["max_rel_diff"] = float(max(np.abs(outs[v] - outs["masked"]).max() / ref

@@ -99,6 +99,25 @@ def _check_ids(topk_idx, num_experts: int, what: str) -> None:
                    f"[-1, {num_experts}); dispatch would drop them", n=n)
 
 
+def _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
+                       what: str):
+    """Trace-time checks of dispatch and dispatch_send: (primitive params, stats_in)."""
+    config, axis_name, buffer_id = _resolve(buffer, axis_name)
+    num_ranks = _num_ranks(axis_name)
+    _check_mesh(buffer, num_ranks)
+    if round_scale and not use_fp8:
+        raise ValueError("round_scale=True needs use_fp8=True")
+    cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
+    if check_ids:
+        _check_ids(topk_idx, config.num_experts, what)
+    le = config.num_experts // num_ranks
+    stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
+    params = dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
+                  num_ranks=num_ranks, axis_name=axis_name, use_fp8=bool(use_fp8),
+                  round_scale=bool(round_scale), buffer_id=int(buffer_id))
+    return params, stats_in
+
+
 def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = BUFFER_AXIS,
              use_fp8: bool = False, round_scale: bool = False, stats=None,
              after=None, dequantize: bool = False, check_ids: bool = False) -> DispatchResult:
@@ -120,23 +139,12 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     Differentiable w.r.t. x: the backward pass brings each row's cotangent back to
     its token and sums over the token's experts.
     """
-    config, axis_name, buffer_id = _resolve(buffer, axis_name)
-    num_ranks = _num_ranks(axis_name)
-    _check_mesh(buffer, num_ranks)
-    if round_scale and not use_fp8:
-        raise ValueError("round_scale=True needs use_fp8=True")
-    cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
-    if check_ids:
-        _check_ids(topk_idx, config.num_experts, "dispatch")
-    le = config.num_experts // num_ranks
-    stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
+    params, stats_in = _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale,
+                                          stats, check_ids, "dispatch")
     if dequantize and not use_fp8:
         raise ValueError("dequantize=True needs use_fp8=True")
     bind = dispatch_dequantized if dequantize else dispatch_p.bind
-    outs = bind(
-        x, topk_idx, stats_in, _order_from(after), num_experts=config.num_experts,
-        max_tokens=config.max_tokens_per_rank, num_ranks=num_ranks, axis_name=axis_name,
-        use_fp8=bool(use_fp8), round_scale=bool(round_scale), buffer_id=int(buffer_id))
+    outs = bind(x, topk_idx, stats_in, _order_from(after), **params)
     recv_x, recv_scales, recv_count, src_info, layout_range, stats_out, order = outs
     return DispatchResult(recv_x, recv_scales if use_fp8 else None, recv_count,
                           DispatchHandle(src_info, layout_range, order),

@@ -93,19 +93,8 @@ def dispatch_send(x, topk_idx, buffer, *, axis_name: Optional[str] = api.BUFFER_
                   use_fp8: bool = False, round_scale: bool = False, stats=None,
                   after=None, check_ids: bool = False) -> PendingDispatch:
     """Send half of ``dispatch`` (same arguments): returns a PendingDispatch."""
-    config, axis_name, buffer_id = api._resolve(buffer, axis_name)
-    num_ranks = api._num_ranks(axis_name)
-    api._check_mesh(buffer, num_ranks)
-    if round_scale and not use_fp8:
-        raise ValueError("round_scale=True needs use_fp8=True")
-    cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
-    if check_ids:
-        api._check_ids(topk_idx, config.num_experts, "dispatch_send")
-    le = config.num_experts // num_ranks
-    stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
-    params = dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
-                  num_ranks=num_ranks, axis_name=axis_name, use_fp8=bool(use_fp8),
-                  round_scale=bool(round_scale), buffer_id=int(buffer_id))
+    params, stats_in = api._dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8,
+                                              round_scale, stats, check_ids, "dispatch_send")
     (order,) = dispatch_send_p.bind(x, topk_idx, api._order_from(after), **params)
     return PendingDispatch((x, topk_idx, stats_in, order),
                            (tuple(sorted(params.items())), stats is not None))
