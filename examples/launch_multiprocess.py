@@ -2,13 +2,21 @@
 
     python examples/launch_multiprocess.py --nprocs 2 --gpu   # one process per GPU
     python examples/launch_multiprocess.py --nprocs 4         # 4 CPU processes (debugging)
+    python examples/launch_multiprocess.py --nprocs 4 --gpu --ranks-per-host 2
+        # 4 GPUs as 2 simulated hosts x 2: UCX between the hosts, NVLink inside each
 
 The launcher starts --nprocs copies of itself (--rank i); each initialises
 jax.distributed, creates the Buffer after it (peers exchange what they need
 through JAX's key-value store), runs moe_layer under shard_map over every
 process's device, and checks its own shard of the output and of the expert
 gradients against the dense model computed locally from the same seed. With
---gpu every process sees all GPUs (CUDA IPC needs that) and uses GPU i.
+--gpu every process sees all GPUs (CUDA IPC needs that) and uses GPU i (the
+model's own XLA collectives, NCCL, refuse two ranks on one GPU, so this needs
+as many GPUs as processes). --ranks-per-host N gives process i the host
+identity JMEP_HOST_ID=simhost<i // N>: processes of different simulated hosts
+reach each other through UCX port channels (pip install jax_mscclpp_ep[ucx];
+UCX_TLS defaults to tcp,cuda_copy here, as between hosts without InfiniBand),
+exactly as on a real multi-host pod.
 """
 
 import argparse
@@ -30,8 +38,12 @@ def launch(a) -> int:
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if "host_platform_device_count" not in f)
+    if a.ranks_per_host:
+        env.setdefault("UCX_TLS", "tcp,cuda_copy")  # hosts without InfiniBand; not shared memory
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank", str(i),
-                               "--port", str(port), "--seed", str(seed)] + a.passthrough, env=env)
+                               "--port", str(port), "--seed", str(seed)] + a.passthrough,
+                              env=dict(env, JMEP_HOST_ID=f"simhost{i // a.ranks_per_host}")
+                              if a.ranks_per_host else env)
              for i in range(a.nprocs)]
     try:
         codes = [p.wait(timeout=a.timeout) for p in procs]
@@ -54,7 +66,8 @@ def worker(a) -> int:
     if not a.gpu:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{a.port}", num_processes=a.nprocs,
-                               process_id=a.rank, local_device_ids=[a.rank] if a.gpu else None)
+                               process_id=a.rank,
+                               local_device_ids=[a.rank] if a.gpu else None)
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -65,6 +78,9 @@ def worker(a) -> int:
     r, t, h, e, k = a.nprocs, a.tokens, a.hidden, a.experts, a.topk
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     buf = ep.Buffer(ep.EPConfig(e, t, h), mesh=mesh)      # after jax.distributed.initialize
+    if buf.peer_channels():                                # GPU: how this rank reaches each peer
+        print(f"[rank {a.rank}] host {os.environ.get('JMEP_HOST_ID', '(this machine)')}, "
+              f"channels {[c.split(chr(10))[0] for c in buf.peer_channels()[a.rank]]}")
     kp, kx = jax.random.split(jax.random.key(a.seed))
     host = jax.local_devices()[0]
     with jax.default_device(host):   # same global data on every process (same seed)
@@ -111,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--ranks-per-host", type=int, default=0,
+                    help="simulate hosts of N processes each (JMEP_HOST_ID); 0: one machine")
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)

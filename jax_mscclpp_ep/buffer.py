@@ -48,11 +48,15 @@ class Buffer:
     over (its size R must divide E). devices: the devices of the EP group
     (default: the mesh's devices, else all devices). force_port: reach every
     peer through port channels (proxy), as over RDMA. timeout_s: how long a
-    device-side wait may last before the call fails.
+    device-side wait may last before the call fails. host_id: this process's host
+    identity (default ``JMEP_HOST_ID``, else hostname + boot id): peers with another
+    host identity are reached through UCX port channels, so processes on one machine
+    given different ids act as separate hosts.
     """
 
     def __init__(self, config: cfg.EPConfig, *, mesh=None, axis_name: str = "ep", devices=None,
-                 force_port: bool | None = None, timeout_s: float | None = None):
+                 force_port: bool | None = None, timeout_s: float | None = None,
+                 host_id: str | None = None):
         if not isinstance(config, cfg.EPConfig):
             raise TypeError(f"config must be an EPConfig, got {type(config).__name__}")
         with _ids_lock:
@@ -72,6 +76,10 @@ class Buffer:
         self.devices = devices
         self.force_port = force_port
         self.timeout_s = timeout_s
+        if host_id is not None and (not isinstance(host_id, str) or not host_id
+                                    or len(host_id.encode()) > 127):
+            raise ValueError(f"host_id must be a non-empty string of at most 127 bytes, got {host_id!r}")
+        self.host_id = host_id
         self._closed = False
         self._device_state = None
         if any(d.platform == "gpu" for d in devices):
@@ -95,6 +103,15 @@ class Buffer:
         self.check_open()
         if self._device_state is not None:
             self._device_state.check()
+
+    def peer_channels(self):
+        """{rank: [how that rank reaches each peer]} for this process's ranks: "self",
+        "memory" (NVLink/P2P stores), "cuda-ipc" (port channel, copy engine) or "ucx"
+        followed by the UCX endpoint's transports. CPU buffers: None."""
+        self.check_open()
+        if self._device_state is None:
+            return None
+        return self._device_state.peer_channels()
 
     def dropped_ids(self):
         """How many (token, slot) expert ids outside [-1, E) dispatch has met on this process's

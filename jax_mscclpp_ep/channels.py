@@ -1,18 +1,25 @@
 """Bootstrap of the channel layer: one ``Communicator`` per local GPU.
 
 A rank is one GPU. Each communicator allocates its registered buffer, then
-ranks swap a small blob (host, pid, PCI bus id, CUDA IPC handle) and map each
-other's buffers. In a multi-process job (after ``jax.distributed.initialize``)
-the blobs go through JAX's distributed key-value store under a per-instance
-namespace; with one process driving all local GPUs they are swapped in
-process. Each peer gets a memory channel (NVLink/P2P) where reachable, else a
-port channel (host proxy); ``force_port`` / ``JMEP_FORCE_PORT_CHANNELS=1``
-forces port channels everywhere.
+ranks swap a small blob (host identity, pid, PCI bus id, CUDA IPC handle, and
+a UCX address where needed) and map each other's buffers. In a multi-process
+job (after ``jax.distributed.initialize``) the blobs go through JAX's
+distributed key-value store under a per-instance namespace; with one process
+driving all local GPUs they are swapped in process.
+
+Topology: every rank has a host identity (``host_id=``, else ``JMEP_HOST_ID``,
+else hostname + boot id), swapped first. A peer on another host gets a UCX
+port channel (the UCX connection library is loaded only then); a peer on this
+host a memory channel (NVLink/P2P) where reachable, else a CUDA-IPC port
+channel; ``force_port`` / ``JMEP_FORCE_PORT_CHANNELS=1`` forces port channels
+everywhere. Processes on one machine given different ``JMEP_HOST_ID``s talk
+over UCX exactly as separate hosts would.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import socket
 
 from . import _native
 from .config import DEFAULT_TIMEOUT_S
@@ -32,6 +39,26 @@ def env_force_port() -> bool:
 def env_timeout_s() -> float:
     v = os.environ.get("JMEP_TIMEOUT_S", "").strip()
     return float(v) if v else DEFAULT_TIMEOUT_S
+
+
+def default_host_id() -> str:
+    """hostname + boot id: processes of one machine (one kernel) share it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def resolve_host_id(host_id=None) -> str:
+    """The host identity of this process's ranks: the argument, else JMEP_HOST_ID,
+    else hostname + boot id."""
+    hid = host_id if host_id is not None else os.environ.get("JMEP_HOST_ID", "").strip()
+    hid = str(hid) if hid else default_host_id()
+    if len(hid.encode()) > 127:
+        raise ValueError(f"host_id must be at most 127 bytes, got {len(hid.encode())}")
+    return hid
 
 
 def _kv_client():
@@ -91,12 +118,45 @@ def _resolve_devices(devices):
     return ranks, mine, multi
 
 
+def env_ucx_signals() -> int:
+    """JMEP_UCX_SIGNALS: "am" (default; active messages applied by the peer's proxy,
+    any transport) or "rma" (UCX atomics on the peer's GPU memory: InfiniBand with
+    GPUDirect RDMA)."""
+    from . import ucx
+    v = os.environ.get("JMEP_UCX_SIGNALS", "am").strip().lower() or "am"
+    if v not in ucx.SIGNAL_MODES:
+        raise ValueError(f"JMEP_UCX_SIGNALS must be 'am' or 'rma', got {v!r}")
+    return ucx.SIGNAL_MODES[v]
+
+
+_ERR = b"JMEP-ERROR:"  # a rank that cannot take part publishes this instead of its info
+
+
+def _swap(client, key, mine: dict, n: int, timeout_ms: int) -> dict:
+    """Publish this process's {rank: bytes} under key/rank, gather every rank's."""
+    out = dict(mine)
+    if client is not None:
+        for r, b in mine.items():
+            _kv_set(client, f"{key}/{r}", b)
+        for r in range(n):
+            if r not in out:
+                out[r] = _kv_get(client, f"{key}/{r}", timeout_ms)
+    for r, b in sorted(out.items()):
+        if b.startswith(_ERR) and r not in mine:
+            raise RuntimeError(f"jax_mscclpp_ep: rank {r} could not join the EP group: "
+                               f"{b[len(_ERR):].decode(errors='replace')}")
+    return out
+
+
 def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, timeout_s=None,
-                         namespace=None, fifo_size: int = 1024, kv_timeout_s: float = 120.0):
+                         namespace=None, fifo_size: int = 1024, kv_timeout_s: float = 120.0,
+                         host_id=None):
     """Communicators for this process's devices among ``devices``.
 
     devices: JAX devices (ranks = their global order; default all GPU devices),
       or a list of CUDA ordinals (single process, ranks in list order).
+    host_id: this process's host identity (see the module docstring), or one per
+      local rank (a sequence), so that one process can stand in for several hosts.
     Returns the local communicators in rank order.
     """
     ep = _ep()
@@ -104,23 +164,38 @@ def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, ti
     n = len(ranks)
     force = env_force_port() if force_port is None else bool(force_port)
     tmo = env_timeout_s() if timeout_s is None else float(timeout_s)
+    hids = ([resolve_host_id(h) for h in host_id] if isinstance(host_id, (list, tuple))
+            else [resolve_host_id(host_id)] * len(mine))
+    if len(hids) != len(mine):
+        raise ValueError(f"host_id: {len(hids)} ids for {len(mine)} local ranks")
     ns = namespace or "jmep_channels"
     ns = f"{ns}/{next(_instance_counter)}"  # two instances never share keys
+    client = _kv_client() if multi else None
+    kv_ms = int(kv_timeout_s * 1000)
     comms = []
     try:
-        for r in mine:
+        for r, hid in zip(mine, hids):
             comms.append(ep.Communicator(r, n, ranks[r][1], int(buffer_bytes), force,
-                                         int(tmo * 1e9), int(fifo_size)))
-        infos = {c.rank: c.local_info() for c in comms}
-        if multi:
-            client = _kv_client()
-            for r, b in infos.items():
-                _kv_set(client, f"{ns}/info/{r}", b)
-            for r in range(n):
-                if r not in infos:
-                    infos[r] = _kv_get(client, f"{ns}/info/{r}", int(kv_timeout_s * 1000))
-        elif len(infos) != n:
+                                         int(tmo * 1e9), int(fifo_size), hid))
+        if not multi and len(mine) != n:
             raise RuntimeError("jax_mscclpp_ep: ranks live in other processes but the job is single-process")
+        hosts = _swap(client, f"{ns}/host", {r: h.encode() for r, h in zip(mine, hids)}, n, kv_ms)
+        if any(hosts[r] != hosts[m] for m in mine for r in range(n)):
+            # A peer on another host: UCX port channels. A rank that cannot load UCX
+            # tells the others instead of leaving them to wait for its info.
+            try:
+                from . import ucx
+                ucx.load()
+                mode = env_ucx_signals()
+                for c in comms:
+                    if any(hosts[r] != hosts[c.rank] for r in range(n)):
+                        c.enable_ucx(ucx.library_path(), mode)
+            except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+                if client is not None:
+                    for r in mine:
+                        _kv_set(client, f"{ns}/info/{r}", _ERR + str(e).encode())
+                raise
+        infos = _swap(client, f"{ns}/info", {c.rank: c.local_info() for c in comms}, n, kv_ms)
         blob = [infos[r] for r in range(n)]
         for c in comms:
             c.connect(blob)

@@ -141,6 +141,9 @@ class GpuState:
         for dev in self.devices:
             _ep.ll_check(self.buffer_id, dev)
 
+    def peer_channels(self) -> dict:
+        return {c.rank: [c.describe_peer(p) for p in range(c.nranks)] for c in self.comms}
+
     def dropped(self) -> int:
         """Expert ids outside [-1, E) seen so far (synchronises: for tests)."""
         return sum(int(_ep.ll_dropped(self.buffer_id, dev)) for dev in self.devices)
@@ -204,7 +207,7 @@ def attach(buffer, devices, num_ranks: int) -> GpuState:
     from . import channels
     comms = channels.create_communicators(
         c.size_hint(num_ranks), devices=devices, force_port=force_port,
-        timeout_s=buffer.timeout_s, namespace=f"jmep_ll_{buffer.id}")
+        timeout_s=buffer.timeout_s, namespace=f"jmep_ll_{buffer.id}", host_id=buffer.host_id)
     ordinals = []
     try:
         for i, comm in enumerate(comms):

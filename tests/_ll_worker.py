@@ -31,12 +31,22 @@ def _args():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--only", default="")
     ap.add_argument("--chunk", type=int, default=1000, help="long_run: steps per jitted loop")
+    ap.add_argument("--host-id", default="",
+                    help="this process's JMEP_HOST_ID: processes with different ids act as "
+                         "separate hosts (UCX port channels between them)")
+    ap.add_argument("--ranks-per-host", type=int, default=0,
+                    help="simulate hosts of this many ranks each: JMEP_HOST_ID = simhost<pid // N> "
+                         "(multi mode, one rank per process); checks the channel kinds")
     ap.add_argument("--quick", action="store_true",
                     help="skip the large-shape cases (used for the slow forced-port path)")
     return ap.parse_args()
 
 
 ARGS = _args()
+if ARGS.ranks_per_host:
+    ARGS.host_id = f"simhost{ARGS.pid // ARGS.ranks_per_host}"
+if ARGS.host_id:
+    os.environ["JMEP_HOST_ID"] = ARGS.host_id
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
@@ -64,7 +74,8 @@ R = len(GPUS)
 MESH = Mesh(np.array(GPUS), ("ep",))
 CPU = jax.local_devices(backend="cpu")[0]  # jax.devices("cpu")[0] may belong to another process
 RNG = np.random.default_rng(ARGS.seed)
-TAG = f"[{ARGS.mode}{'/port' if ARGS.force_port else '/mem'} p{ARGS.pid}]"
+TAG = (f"[{ARGS.mode}{'/port' if ARGS.force_port else '/mem'}"
+       f"{'/' + ARGS.host_id if ARGS.host_id else ''} p{ARGS.pid}]")
 
 
 def log(*a):
@@ -209,8 +220,24 @@ def buffer(e, m, h):
 
 def case_size_hint():
     from jax_mscclpp_ep import _native
-    for (m, h, e) in [(128, 7168, 256), (1, 128, 2), (1024, 8192, 1024), (37, 5120, 64)]:
+    for (m, h, e) in [(128, 7168, 256), (1, 128, 2 * R), (1024, 8192, 1024), (37, 5120, 64)]:
         assert _native._ep.ll_size_hint(m, h, R, e) == ep.size_hint(m, h, R, e), (m, h, e)
+
+
+def case_peer_channels():
+    """Each rank reaches peers of its own (simulated) host through memory channels
+    (CUDA-IPC port channels if forced) and peers of other hosts through UCX."""
+    buf = buffer(64, 128, 2048)
+    chans = buf.peer_channels()
+    for r, kinds in chans.items():
+        for p, how in enumerate(kinds):
+            if ARGS.ranks_per_host and p != r:
+                same = p // ARGS.ranks_per_host == r // ARGS.ranks_per_host
+                want = ("cuda-ipc" if ARGS.force_port else "memory") if same else "ucx"
+                assert how.split("\n")[0] == want, f"rank {r} -> {p}: {how[:200]} (want {want})"
+            if how.startswith("ucx"):
+                log(f"rank {r} -> peer {p}: {how.strip()}")
+    log(f"channels: { {r: [h.split(chr(10))[0] for h in k] for r, k in chans.items()} }")
 
 
 def case_basic_bf16():
@@ -476,7 +503,7 @@ def case_grad():
     buf.check()
 
 
-CASES = [case_size_hint, case_basic_bf16, case_basic_fp8, case_fp8_round_scale,
+CASES = [case_size_hint, case_peer_channels, case_basic_bf16, case_basic_fp8, case_fp8_round_scale,
          case_t_less_than_m, case_t_zero, case_all_masked, case_one_expert, case_all_remote,
          case_all_local, case_dups_and_bad_ids, case_split_halves, case_two_buffers, case_vmap,
          case_loop_1000, case_backward_exchanges, case_grad,
@@ -522,7 +549,8 @@ def case_dead_peer():
     dt = time.perf_counter() - t0
     log(f"survivor saw after {dt:.1f} s: {msg}")
     assert msg, "no error although the peer died"
-    assert f"peer {R - 1}" in msg and "timed out" in msg, f"unclear error: {msg}"
+    assert f"peer {R - 1}" in msg and ("timed out" in msg or "lost its connection" in msg), \
+        f"unclear error: {msg}"
     assert dt < tmo + 10, f"took {dt:.1f} s to report"
     # Later calls never hang: the handler refuses them, or (replayed inside a CUDA graph,
     # where no host code runs) the kernels give up at once; check() keeps failing.
@@ -530,7 +558,7 @@ def case_dead_peer():
     try:
         jax.block_until_ready(f(*args))
     except Exception as e:  # noqa: BLE001
-        assert "timed out" in str(e), str(e)
+        assert "timed out" in str(e) or "lost its connection" in str(e), str(e)
     assert time.perf_counter() - t1 < 5, "a call on the failed Buffer was slow"
     try:
         buf.check()

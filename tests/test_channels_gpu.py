@@ -65,10 +65,14 @@ def test_channels_two_processes():
     if reason:
         pytest.skip(reason)
     seed, port = int.from_bytes(os.urandom(4), "little"), _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "--mode", "multi", "--rank", str(r),
-                               "--nproc", "2", "--port", str(port), "--seed", str(seed)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_env()) for r in range(2)]
+    _check(_run_ranks([[sys.executable, WORKER, "--mode", "multi", "--rank", str(r), "--nproc",
+                        "2", "--port", str(port), "--seed", str(seed)] for r in range(2)], _env()))
+
+
+def _run_ranks(cmds, env):
+    """[(exit code, output)] of one process per command, run together."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env) for c in cmds]
     outs = []
     for p in procs:
         try:
@@ -77,4 +81,22 @@ def test_channels_two_processes():
             p.kill()
             out, _ = p.communicate()
         outs.append((p.returncode, out))
-    _check(outs)
+    return outs
+
+
+def test_channels_two_simulated_hosts_one_gpu():
+    """Two processes on GPU 0 with their own JMEP_HOST_ID: the channel checks (puts at odd
+    offsets, 10,000-round put->signal ordering... fewer on a shared GPU, concurrent atomics
+    with back-pressure, flush, barriers, 50 create/destroy cycles, silent peer) through
+    UCX port channels over TCP loopback."""
+    from jax_mscclpp_ep import _native, ucx
+    if not _native.cuda_enabled() or shutil.which("nvidia-smi") is None:
+        pytest.skip("needs the CUDA channel layer and a GPU")
+    if not ucx.available():
+        pytest.skip("the UCX connection library is not available")
+    seed, port = int.from_bytes(os.urandom(4), "little"), _free_port()
+    env = dict(_env(), UCX_TLS=os.environ.get("JMEP_TEST_UCX_TLS", "tcp,cuda_copy"),
+               JMEP_TIMEOUT_S="20")
+    _check(_run_ranks([[sys.executable, WORKER, "--mode", "multi", "--rank", str(r), "--nproc",
+                        "2", "--port", str(port), "--seed", str(seed), "--devices", "0,0",
+                        "--host-id", f"simhost{r}"] for r in range(2)], env))

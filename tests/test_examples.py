@@ -32,3 +32,16 @@ def test_example(name):
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and success in proc.stdout, f"{name} failed:\n{out[-4000:]}"
+
+
+def test_launch_multiprocess_simulated_hosts():
+    """--ranks-per-host: each process gets its own JMEP_HOST_ID (on CPU the reference path
+    runs; on GPUs the peers of other simulated hosts are reached over UCX)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "launch_multiprocess.py"),
+                           "--nprocs", "2", "--ranks-per-host", "1", "--tokens", "8",
+                           "--hidden", "128"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "OK: all 2 processes passed" in proc.stdout, out[-4000:]

@@ -162,19 +162,80 @@ def test_ll_two_processes_one_gpu(path):
     _run(cmds, name=f"one_gpu_multi_{path}")
 
 
-@pytest.mark.parametrize("path", ["mem", "port"])
+@pytest.mark.parametrize("path", ["mem", "port", "ucx"])
 @pytest.mark.parametrize("share", ["two_gpus", "one_gpu"])
 def test_ll_dead_peer_reported(path, share):
-    """Rank 1 exits mid-loop: rank 0 reports a timeout naming peer 1 within timeout + a
-    few seconds, and later calls on that Buffer fail at once with the same message."""
+    """Rank 1 exits mid-loop: rank 0 reports a timeout (or, over UCX, the lost endpoint)
+    naming peer 1 within timeout + a few seconds, and later calls on that Buffer fail at
+    once with the same message. ucx: the two processes act as two hosts."""
     if (why := _skip_reason(gpus=2 if share == "two_gpus" else 1)) is not None:
+        pytest.skip(why)
+    if path == "ucx" and (why := _ucx_skip_reason()) is not None:
         pytest.skip(why)
     seed, port = int.from_bytes(os.urandom(4), "little"), _free_port()
     cmds = [[sys.executable, WORKER, "--mode", "multi", "--pid", str(pid), "--port", str(port),
              "--seed", str(seed), "--only", "dead_peer"]
             + (["--gpu", "0"] if share == "one_gpu" else [])
+            + (["--ranks-per-host", "1"] if path == "ucx" else [])
             + (["--force-port"] if path == "port" else []) for pid in range(2)]
-    _run(cmds, name=f"dead_peer_{share}_{path}")
+    _run(cmds, env=UCX_ENV if path == "ucx" else None, name=f"dead_peer_{share}_{path}")
+
+
+# ---------------------------------------------------------------- several hosts, simulated
+# Processes on GPU 0 given their own JMEP_HOST_ID act as separate hosts: peers on
+# another "host" are UCX port channels over TCP loopback (cuda_copy stages GPU memory),
+# peers on the same one keep memory channels. "2x1": two hosts of one rank; "2x2": two
+# hosts of two ranks each (mixed memory/UCX channels in one EP group).
+UCX_ENV = {"UCX_TLS": os.environ.get("JMEP_TEST_UCX_TLS", "tcp,cuda_copy"),
+           "UCX_WARN_UNUSED_ENV_VARS": "n"}
+HOST_LAYOUTS = {"2x1": (2, 1), "2x2": (4, 2)}  # (processes, ranks per host)
+
+
+def _ucx_skip_reason():
+    from jax_mscclpp_ep import ucx
+    if not ucx.available():
+        if os.environ.get("JMEP_EXPECT_UCX"):
+            pytest.fail("JMEP_EXPECT_UCX is set but the UCX connection is unavailable")
+        return "the UCX connection library (jax_mscclpp_ep[ucx]) is not available"
+    return None
+
+
+def _host_cmds(layout, extra, seed=None):
+    nproc, per_host = HOST_LAYOUTS[layout]
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    port = _free_port()
+    return [[sys.executable, WORKER, "--mode", "multi", "--pid", str(pid), "--nproc", str(nproc),
+             "--gpu", "0", "--port", str(port), "--seed", str(seed), "--ranks-per-host",
+             str(per_host), *extra] for pid in range(nproc)]
+
+
+@pytest.mark.parametrize("layout", sorted(HOST_LAYOUTS))
+def test_ll_simulated_hosts_one_gpu(layout):
+    """Every LL case (bf16/fp8, round_scale, masks, duplicates and bad ids, split
+    halves, gradients, vmap, the 1,000-step loop, ...) across simulated hosts."""
+    if (why := _skip_reason(gpus=1) or _ucx_skip_reason()) is not None:
+        pytest.skip(why)
+    steps = os.environ.get("JMEP_UCX_STEPS", "1000")
+    _run(_host_cmds(layout, ["--quick", "--steps", steps]), env=UCX_ENV, name=f"hosts_{layout}")
+
+
+@pytest.mark.parametrize("layout", sorted(HOST_LAYOUTS))
+def test_ll_simulated_hosts_fresh_routing(layout):
+    """1,000 steps with fresh random routing every step over UCX, checked every 250."""
+    if (why := _skip_reason(gpus=1) or _ucx_skip_reason()) is not None:
+        pytest.skip(why)
+    _run(_host_cmds(layout, ["--only", "long_run", "--steps", "1000", "--chunk", "250"]),
+         env=UCX_ENV, name=f"hosts_long_{layout}")
+
+
+def test_ll_simulated_hosts_cuda_graphs():
+    """The LL calls captured into XLA command buffers and replayed, over UCX."""
+    if (why := _skip_reason(gpus=1) or _ucx_skip_reason()) is not None:
+        pytest.skip(why)
+    env = dict(UCX_ENV, XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
+                                  "--xla_gpu_graph_min_graph_size=1")
+    _run(_host_cmds("2x1", ["--only", "graph_replay", "--steps", "200"]), env=env,
+         name="hosts_graphs")
 
 
 # (mode, GPUs needed, steps): one process per rank unless "single"; "one_gpu" modes put

@@ -90,13 +90,26 @@ void bind_channels(nb::module_& m) {
   }, nb::arg("device"), "[free, total] bytes of a GPU (leak checks)");
   nb::class_<Communicator>(m, "Communicator")
       .def(nb::new_([](int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
-                       int64_t timeout_ns, int fifo_size) {
+                       int64_t timeout_ns, int fifo_size, const std::string& host_id) {
              return std::make_shared<Communicator>(rank, nranks, device, buffer_bytes, force_port,
-                                                   timeout_ns, fifo_size);
+                                                   timeout_ns, fifo_size, host_id);
            }),
            nb::arg("rank"), nb::arg("nranks"), nb::arg("device"), nb::arg("buffer_bytes"),
            nb::arg("force_port") = false, nb::arg("timeout_ns") = 30000000000LL,
-           nb::arg("fifo_size") = 1024)
+           nb::arg("fifo_size") = 1024, nb::arg("host_id") = "")
+      .def("enable_ucx",
+           [](Communicator& c, const std::string& lib_path, int signal_mode) {
+             nb::gil_scoped_release r;
+             c.enable_ucx(lib_path, signal_mode);
+           },
+           nb::arg("lib_path"), nb::arg("signal_mode") = 1,
+           "register the buffer with UCX (peers on other hosts); before local_info()")
+      .def_prop_ro("ucx_enabled", &Communicator::ucx_enabled)
+      .def("proxy_stats", &Communicator::proxy_stats,
+           "[cuda-ipc triggers, ns, ucx triggers, ns] performed by the proxy (pop to posted)")
+      .def_prop_ro("host_id", &Communicator::host_id)
+      .def("describe_peer", &Communicator::describe_peer, nb::arg("peer"),
+           "how the proxy reaches the peer: self, memory, cuda-ipc, or ucx + its transports")
       .def("local_info",
            [](Communicator& c) {
              std::string s = c.local_info();

@@ -51,7 +51,8 @@ __device__ __forceinline__ bool wait_at_least(const uint64_t* sem, uint64_t targ
   while (true) {
     for (int i = 0; i < 256; ++i)
       if (ld_acquire_sys(sem) >= target) return true;
-    if (site.error != nullptr && *reinterpret_cast<volatile int32_t*>(&site.error->code) == kErrTimeout)
+    if (site.error != nullptr &&
+        error_aborts_waits(*reinterpret_cast<volatile int32_t*>(&site.error->code)))
       return false;  // someone else already timed out: give up promptly
     if (site.timeout_ns > 0 && globaltimer_ns() - start > static_cast<uint64_t>(site.timeout_ns)) {
       record_error(site.error, kErrTimeout, site.rank, site.peer, site.phase, ld_acquire_sys(sem));

@@ -4,10 +4,15 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 
 #include "channels/channel_handles_host.h"
+#include "channels/connection.h"
+#include "channels/ipc_connection.h"
 #include "channels/proxy.h"
+#include "channels/proxy_stream.h"
+#include "channels/ucx_connection.h"
 
 namespace jmep {
 namespace {
@@ -29,17 +34,31 @@ struct DeviceGuard {
   }
 };
 
-// What a peer needs to reach this rank (fixed-size, sent as bytes).
+// What a peer needs to reach this rank, sent as bytes: this fixed part, then
+// ucx_len bytes of UCX address (worker address, packed rkey) if enabled.
 struct PeerInfo {
   uint32_t magic;
   int32_t rank, nranks, pid;
   char host[64];
+  char host_id[128];
   char bus_id[32];
   uint64_t buffer_ptr;  // valid in the exporting process only
   uint64_t buffer_bytes;
+  uint64_t ucx_len;
   cudaIpcMemHandle_t ipc;
 };
-constexpr uint32_t kInfoMagic = 0x4a4d4550;  // "JMEP"
+constexpr uint32_t kInfoMagic = 0x4a4d4551;
+
+// Default host identity: hostname + boot id (two containers on one machine
+// share the boot id but, with their own hostnames, count as two hosts).
+std::string default_host_id() {
+  char host[64] = {0};
+  gethostname(host, sizeof(host) - 1);
+  std::string boot;
+  std::ifstream f("/proc/sys/kernel/random/boot_id");
+  std::getline(f, boot);
+  return std::string(host) + "/" + boot;
+}
 
 size_t sem_offset(size_t buffer_bytes) { return (buffer_bytes + 255) / 256 * 256; }
 
@@ -52,6 +71,7 @@ const char* phase_name(int32_t p) {
     case kPhaseCombineSend: return "combine-send";
     case kPhaseCombineRecv: return "combine-recv";
     case kPhaseProxyFlush: return "proxy-fifo/flush";
+    case kPhaseProxy: return "port-channel proxy";
     default: return "none";
   }
 }
@@ -59,15 +79,19 @@ const char* phase_name(int32_t p) {
 }  // namespace
 
 Communicator::Communicator(int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
-                           int64_t timeout_ns, int fifo_size)
+                           int64_t timeout_ns, int fifo_size, const std::string& host_id)
     : rank_(rank), nranks_(nranks), device_(device), buffer_bytes_(buffer_bytes),
-      force_port_(force_port), timeout_ns_(timeout_ns), fifo_size_(fifo_size) {
+      force_port_(force_port), timeout_ns_(timeout_ns), fifo_size_(fifo_size),
+      host_id_(host_id.empty() ? default_host_id() : host_id) {
   if (nranks <= 0 || rank < 0 || rank >= nranks)
     throw std::invalid_argument("Communicator: bad rank/nranks");
   if (fifo_size < 16) throw std::invalid_argument("Communicator: fifo_size must be >= 16");
+  if (host_id_.size() >= sizeof(PeerInfo::host_id))
+    throw std::invalid_argument("Communicator: host_id longer than 127 bytes");
   DeviceGuard g(device);
   try {
     const size_t total = sem_offset(buffer_bytes) + sem_area_bytes(nranks);
+    alloc_bytes_ = total;
     ck(cudaMalloc(reinterpret_cast<void**>(&buffer_), total), "cudaMalloc(registered buffer)");
     ck(cudaMemset(buffer_, 0, total), "cudaMemset(registered buffer)");
     // state: mem expected[n], port expected[n], fifo head, tail cache, poll lock, scratch[64]
@@ -85,6 +109,7 @@ Communicator::Communicator(int rank, int nranks, int device, size_t buffer_bytes
        "cudaHostAlloc(fifo)");
     std::memset(fifo_host_, 0, fifo_bytes);
     ck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    pstream_.reset(new ProxyStream(device));
     ck(cudaDeviceSynchronize(), "communicator setup");
   } catch (...) {
     close();
@@ -110,6 +135,25 @@ void Communicator::fail_if_closed() const {
   if (closed_) throw std::runtime_error("Communicator is closed");
 }
 
+void Communicator::enable_ucx(const std::string& lib_path, int signal_mode) {
+  fail_if_closed();
+  if (connected_) throw std::runtime_error("enable_ucx: already connected");
+  if (ucx_) return;
+  DeviceGuard g(device_);
+  ucx_.reset(new UcxWorker(lib_path, rank_, nranks_, buffer_, alloc_bytes_, signal_mode,
+                           timeout_ns_, pstream_.get()));
+}
+
+std::string Communicator::describe_peer(int peer) const {
+  if (peer < 0 || peer >= nranks_) throw std::out_of_range("describe_peer: bad peer");
+  if (peer == rank_) return "self";
+  if (kinds_[peer] == 1) return "memory";
+  if (static_cast<size_t>(peer) < conns_.size() && conns_[peer] &&
+      std::string(conns_[peer]->kind()) == "ucx")
+    return "ucx\n" + ucx_->describe(peer);
+  return "cuda-ipc";
+}
+
 std::string Communicator::local_info() const {
   fail_if_closed();
   PeerInfo info;
@@ -119,6 +163,9 @@ std::string Communicator::local_info() const {
   info.nranks = nranks_;
   info.pid = static_cast<int32_t>(getpid());
   gethostname(info.host, sizeof(info.host) - 1);
+  std::memcpy(info.host_id, host_id_.data(), host_id_.size());
+  const std::string ucx = ucx_ ? ucx_->address() : std::string();
+  info.ucx_len = ucx.size();
   ck(cudaDeviceGetPCIBusId(info.bus_id, sizeof(info.bus_id), device_), "cudaDeviceGetPCIBusId");
   info.buffer_ptr = reinterpret_cast<uint64_t>(buffer_);
   info.buffer_bytes = buffer_bytes_;
@@ -126,7 +173,7 @@ std::string Communicator::local_info() const {
     DeviceGuard g(device_);
     ck(cudaIpcGetMemHandle(&info.ipc, buffer_), "cudaIpcGetMemHandle");
   }
-  return std::string(reinterpret_cast<const char*>(&info), sizeof(info));
+  return std::string(reinterpret_cast<const char*>(&info), sizeof(info)) + ucx;
 }
 
 void Communicator::connect(const std::vector<std::string>& infos) {
@@ -135,24 +182,39 @@ void Communicator::connect(const std::vector<std::string>& infos) {
   if (static_cast<int>(infos.size()) != nranks_)
     throw std::invalid_argument("connect: need one info per rank");
   DeviceGuard g(device_);
-  char my_host[64] = {0};
-  gethostname(my_host, sizeof(my_host) - 1);
   const int my_pid = static_cast<int>(getpid());
   const size_t soff = sem_offset(buffer_bytes_);
   std::vector<ProxyPeer> proxy_peers(nranks_);
+  conns_.clear();
+  conns_.resize(nranks_);
   for (int p = 0; p < nranks_; ++p) {
-    if (infos[p].size() != sizeof(PeerInfo))
-      throw std::invalid_argument("connect: malformed info for rank " + std::to_string(p));
     PeerInfo info;
+    if (infos[p].size() < sizeof(PeerInfo))
+      throw std::invalid_argument("connect: malformed info for rank " + std::to_string(p));
     std::memcpy(&info, infos[p].data(), sizeof(info));
     if (info.magic != kInfoMagic || info.rank != p || info.nranks != nranks_ ||
-        info.buffer_bytes != buffer_bytes_)
+        info.buffer_bytes != buffer_bytes_ || infos[p].size() != sizeof(PeerInfo) + info.ucx_len)
       throw std::invalid_argument("connect: info of rank " + std::to_string(p) +
-                                  " does not match (rank/nranks/buffer size)");
+                                  " does not match (rank/nranks/buffer size; mixed versions?)");
     if (p == rank_) continue;
-    if (std::strncmp(info.host, my_host, sizeof(my_host)) != 0)
-      throw std::runtime_error("connect: rank " + std::to_string(p) + " is on host '" +
-                               info.host + "'; only single-host jobs are supported (no RDMA)");
+    proxy_peers[p].sem_off = soff + (static_cast<size_t>(nranks_) + rank_) * 8;
+    info.host_id[sizeof(info.host_id) - 1] = '\0';
+    if (host_id_ != info.host_id) {
+      // Another host: a UCX port channel (the LL kernels stage into our buffer).
+      if (!ucx_)
+        throw std::runtime_error(
+            "connect: rank " + std::to_string(p) + " is on another host ('" + info.host_id +
+            "', this rank is on '" + host_id_ + "'): reaching it needs the UCX connection, "
+            "which was not enabled on this rank");
+      if (info.ucx_len == 0)
+        throw std::runtime_error("connect: rank " + std::to_string(p) + " (host '" +
+                                 info.host_id + "') offers no UCX address");
+      ucx_->connect(p, infos[p].substr(sizeof(PeerInfo)));
+      kinds_[p] = 2;
+      conns_[p].reset(new UcxConnection(ucx_.get(), p));
+      proxy_peers[p].conn = conns_[p].get();
+      continue;
+    }
     int pdev = -1;
     ck(cudaDeviceGetByPCIBusId(&pdev, info.bus_id), "cudaDeviceGetByPCIBusId (peer GPU not visible?)");
     peer_devs_[p] = pdev;
@@ -175,8 +237,8 @@ void Communicator::connect(const std::vector<std::string>& infos) {
       ipc_opened_[p] = true;
     }
     kinds_[p] = (can && !force_port_) ? 1 : 2;
-    proxy_peers[p].remote = peer_bufs_[p];
-    proxy_peers[p].remote_port_sem = reinterpret_cast<uint64_t*>(peer_bufs_[p] + soff) + nranks_ + rank_;
+    conns_[p].reset(new IpcConnection(pstream_.get(), buffer_, peer_bufs_[p]));
+    proxy_peers[p].conn = conns_[p].get();
   }
 
   HandleInputs in;
@@ -194,9 +256,9 @@ void Communicator::connect(const std::vector<std::string>& infos) {
   handles_dev_ = build_device_handles(in);
 
   char* fifo = static_cast<char*>(fifo_host_);
-  proxy_.reset(new Proxy(device_, buffer_, reinterpret_cast<FifoTrigger*>(fifo + 256),
+  proxy_.reset(new Proxy(pstream_.get(), reinterpret_cast<FifoTrigger*>(fifo + 256),
                          reinterpret_cast<uint64_t*>(fifo), static_cast<uint32_t>(fifo_size_),
-                         std::move(proxy_peers)));
+                         std::move(proxy_peers), ucx_.get(), err_host_, rank_));
   connected_ = true;
 }
 
@@ -208,6 +270,11 @@ void Communicator::close() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(stream_);
   proxy_.reset();  // stops the thread after draining its stream
+  // UCX before the memory it registered (endpoints closed forcibly: a dead
+  // peer costs nothing), and before the stream its signals are applied on.
+  ucx_.reset();
+  conns_.clear();
+  pstream_.reset();
   for (int p = 0; p < static_cast<int>(ipc_opened_.size()); ++p)
     if (ipc_opened_[p]) cudaIpcCloseMemHandle(peer_bufs_[p]);
   ipc_opened_.assign(ipc_opened_.size(), false);
@@ -228,6 +295,9 @@ void Communicator::close() {
 }
 
 std::string Communicator::proxy_error() const { return proxy_ ? proxy_->error() : std::string(); }
+std::vector<uint64_t> Communicator::proxy_stats() const {
+  return proxy_ ? proxy_->stats() : std::vector<uint64_t>(4, 0);
+}
 bool Communicator::proxy_failed() const { return proxy_ && proxy_->failed(); }
 
 void Communicator::check_error() {
@@ -243,6 +313,7 @@ void Communicator::check_error() {
   if (code != kErrOk) {
     const char* what = code == kErrTimeout       ? "timed out waiting for a signal from"
                        : code == kErrFifoTimeout ? "timed out on the port-channel FIFO/flush towards"
+                       : code == kErrPeerLost    ? "lost its connection to"
                                                  : "error with";
     msg = "jax_mscclpp_ep channel error: rank " + std::to_string(r->rank) + " " + what +
           " peer " + std::to_string(r->peer) + " in phase " + phase_name(r->phase) +

@@ -1,10 +1,14 @@
 // Host side of one rank (one GPU): the registered buffer, the peers' mapped
 // buffers, the device channel handles, the error record and the port-channel
-// proxy. Built in two steps so that Python can move the exchanged bytes
-// (through JAX's key-value store, or in process):
-//   Communicator c(rank, nranks, device, bytes, force_port, timeout_ns);
+// proxy with a connection per port peer. Built in steps so that Python can
+// move the exchanged bytes (through JAX's key-value store, or in process):
+//   Communicator c(rank, nranks, device, bytes, force_port, timeout_ns, fifo, host_id);
+//   c.enable_ucx(lib_path, mode);         // only if some peer is on another host
 //   std::string mine = c.local_info();   // give to every peer
 //   c.connect(all_infos);                 // infos[r] from rank r
+// Topology: a peer whose host identity differs from ours is reached through a
+// UCX port channel; a peer on this host through a memory channel (NVLink/P2P,
+// CUDA IPC) or, forced or without P2P, a CUDA-IPC port channel.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -18,7 +22,10 @@
 namespace jmep {
 
 struct ChannelDeviceHandle;
+class Connection;
 class Proxy;
+class ProxyStream;
+class UcxWorker;
 
 // Bytes at the end of the registered allocation (past buffer_bytes) that hold
 // the inbound semaphores: [memory sems: nranks][port sems: nranks], indexed by
@@ -27,11 +34,21 @@ inline size_t sem_area_bytes(int nranks) { return static_cast<size_t>(nranks) * 
 
 class Communicator {
  public:
+  // host_id: this rank's host identity ("" = hostname + boot id).
   Communicator(int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
-               int64_t timeout_ns, int fifo_size = 1024);
+               int64_t timeout_ns, int fifo_size = 1024, const std::string& host_id = "");
   ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
+
+  // Registers the whole allocation with UCX (lib_path: libjmep_ucx.so;
+  // signal_mode: 0 UCX atomics, 1 active messages). Before local_info().
+  void enable_ucx(const std::string& lib_path, int signal_mode);
+  bool ucx_enabled() const { return ucx_ != nullptr; }
+  const std::string& host_id() const { return host_id_; }
+  // How the proxy reaches `peer` ("self", "memory", "cuda-ipc", or the UCX
+  // endpoint's transports).
+  std::string describe_peer(int peer) const;
 
   std::string local_info() const;
   void connect(const std::vector<std::string>& infos);
@@ -59,6 +76,7 @@ class Communicator {
   void check_error();
   // The proxy thread's first failure ("" if none); proxy_failed() is cheap.
   std::string proxy_error() const;
+  std::vector<uint64_t> proxy_stats() const;  // Proxy::stats(), zeros before connect
   bool proxy_failed() const;
 
  private:
@@ -83,6 +101,11 @@ class Communicator {
   std::vector<char*> peer_bufs_;     // peer's buffer as seen from my device
   std::vector<int> peer_devs_;       // peer's device ordinal in this process
   std::vector<bool> ipc_opened_;
+  std::string host_id_;
+  size_t alloc_bytes_ = 0;                  // buffer + semaphore area
+  std::unique_ptr<ProxyStream> pstream_;
+  std::unique_ptr<UcxWorker> ucx_;
+  std::vector<std::unique_ptr<Connection>> conns_;  // [nranks]; null: no port channel
   std::unique_ptr<Proxy> proxy_;
 };
 

@@ -15,6 +15,7 @@ enum Phase : int32_t {
   kPhaseCombineSend = 5,
   kPhaseCombineRecv = 6,
   kPhaseProxyFlush = 7,
+  kPhaseProxy = 8,  // the host proxy itself (its connection to the peer failed)
 };
 
 enum ErrorCode : int32_t {
@@ -22,7 +23,13 @@ enum ErrorCode : int32_t {
   kErrTimeout = 1,       // a wait outlived its timeout
   kErrBadExpert = 2,     // (counted, not fatal) expert id outside [-1, E)
   kErrFifoTimeout = 3,   // the proxy FIFO stayed full / flush never completed
+  kErrPeerLost = 4,      // the proxy's connection to the peer failed (e.g. UCX endpoint error)
 };
+
+// Codes that end every wait at once (a wait on a lost peer would only time out).
+inline constexpr bool error_aborts_waits(int32_t code) {
+  return code == kErrTimeout || code == kErrPeerLost;
+}
 
 // First error wins (code is claimed with atomicCAS). Lives in host-mapped
 // pinned memory so the host can read it without synchronising the stream.

@@ -1,11 +1,11 @@
 // The host proxy of one GPU: a thread that busy-polls the port-channel FIFO
-// (host-mapped) and performs each trigger, in order, on its own high-priority
-// stream: copy-engine puts into the peer's mapped buffer, semaphore writes
-// (cuStreamWriteValue64, or a one-thread kernel where that is unavailable),
-// signed atomic adds (one-thread kernel) and flushes (stream drain).
+// (host-mapped) and performs each trigger, in order, through the connection
+// of its peer (connection.h: CUDA IPC on this host, UCX to other hosts):
+// puts, semaphore signals, signed atomic adds, flushes. Between triggers it
+// progresses the UCX worker, if any (completions, held-back signals, signals
+// arriving from peers) and turns a UCX endpoint failure into an error record
+// that ends the kernels' waits at once.
 #pragma once
-#include <cuda_runtime_api.h>
-
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -13,37 +13,46 @@
 #include <thread>
 #include <vector>
 
+#include "channels/connection.h"
+#include "channels/error_record.h"
 #include "channels/fifo_types.h"
 
 namespace jmep {
 
+class ProxyStream;
+class UcxWorker;
+
 struct ProxyPeer {
-  char* remote = nullptr;             // peer's buffer as seen from my device
-  uint64_t* remote_port_sem = nullptr;  // peer's inbound port semaphore for me
+  Connection* conn = nullptr;  // null: no port channel to this peer
+  uint64_t sem_off = 0;        // my port semaphore word in the peer's buffer
 };
 
 class Proxy {
  public:
-  Proxy(int device, char* local, FifoTrigger* slots, uint64_t* tail, uint32_t fifo_size,
-        std::vector<ProxyPeer> peers);
+  Proxy(ProxyStream* ps, FifoTrigger* slots, uint64_t* tail, uint32_t fifo_size,
+        std::vector<ProxyPeer> peers, UcxWorker* ucx, ErrorRecord* err_host, int rank);
   ~Proxy();  // stops the thread and drains the stream
   std::string error();  // first failure seen by the thread ("" if none)
   bool failed() const { return failed_.load(std::memory_order_acquire); }
+  // {triggers, ns} the thread spent performing triggers (pop to request posted),
+  // for CUDA-IPC peers then UCX peers (flushes not counted).
+  std::vector<uint64_t> stats() const;
 
  private:
   void run();
-  void fail(const std::string& what);
-  void write_sem(uint64_t* addr, uint64_t value);
+  void fail(const std::string& what, int peer);
+  void perform(uint32_t type, uint32_t peer, uint64_t dst, uint64_t src, uint64_t size);
 
-  int device_;
-  char* local_;
+  ProxyStream* ps_;
   FifoTrigger* slots_;
   uint64_t* tail_;
   uint32_t fifo_size_;
   std::vector<ProxyPeer> peers_;
   std::vector<uint64_t> signals_sent_;
-  cudaStream_t stream_ = nullptr;
-  void* write_value_ = nullptr;  // cuStreamWriteValue64 driver entry point
+  UcxWorker* ucx_;
+  ErrorRecord* err_host_;
+  int rank_;
+  std::atomic<uint64_t> ops_[2] = {{0}, {0}}, ns_[2] = {{0}, {0}};
   std::atomic<bool> stop_{false};
   std::atomic<bool> ready_{false};
   std::atomic<bool> failed_{false};
@@ -51,10 +60,5 @@ class Proxy {
   std::string error_;
   std::thread thread_;
 };
-
-// One-thread kernels the proxy launches on its stream (proxy_kernels.cu).
-cudaError_t proxy_preload_kernels();
-cudaError_t proxy_launch_add(uint64_t* addr, int64_t delta, cudaStream_t s);
-cudaError_t proxy_launch_store(uint64_t* addr, uint64_t value, cudaStream_t s);
 
 }  // namespace jmep

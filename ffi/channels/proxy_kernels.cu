@@ -1,8 +1,11 @@
-// Tiny kernels the proxy thread enqueues behind its copies, so they take
-// effect in stream order (after the data they publish has landed).
+// Tiny kernels the proxy enqueues behind its copies, so they take effect in
+// stream order (after the data they publish has landed). Each fences at
+// system scope first: the copies before it (and, for signals that arrived
+// over the network, the bytes the transport already wrote) are visible to any
+// kernel that observes the word.
 #include <cstdint>
 
-#include "channels/proxy.h"
+#include "channels/proxy_stream.h"
 
 namespace jmep {
 namespace {
@@ -17,14 +20,18 @@ __global__ void k_proxy_store(uint64_t* addr, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(value) : "memory");
 }
 
+__global__ void k_proxy_max(uint64_t* addr, uint64_t value) {
+  __threadfence_system();
+  atomicMax(reinterpret_cast<unsigned long long*>(addr), static_cast<unsigned long long>(value));
+}
+
 }  // namespace
 
-// With CUDA lazy loading, a kernel's first launch loads it and that waits for
-// the device to idle, i.e. for the kernel spinning on this very proxy.
 cudaError_t proxy_preload_kernels() {
   cudaFuncAttributes attr;
   cudaError_t e = cudaFuncGetAttributes(&attr, k_proxy_add);
-  return e == cudaSuccess ? cudaFuncGetAttributes(&attr, k_proxy_store) : e;
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, k_proxy_store);
+  return e == cudaSuccess ? cudaFuncGetAttributes(&attr, k_proxy_max) : e;
 }
 
 cudaError_t proxy_launch_add(uint64_t* addr, int64_t delta, cudaStream_t s) {
@@ -34,6 +41,11 @@ cudaError_t proxy_launch_add(uint64_t* addr, int64_t delta, cudaStream_t s) {
 
 cudaError_t proxy_launch_store(uint64_t* addr, uint64_t value, cudaStream_t s) {
   k_proxy_store<<<1, 1, 0, s>>>(addr, value);
+  return cudaGetLastError();
+}
+
+cudaError_t proxy_launch_max(uint64_t* addr, uint64_t value, cudaStream_t s) {
+  k_proxy_max<<<1, 1, 0, s>>>(addr, value);
   return cudaGetLastError();
 }
 

@@ -16,7 +16,7 @@
 
 #if JMEP_LL_HAVE_CHANNELS
 #include "channels/communicator.h"
-#include "channels/proxy.h"
+#include "channels/proxy_stream.h"
 #endif
 
 namespace jmep {
@@ -162,6 +162,7 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
   if (any_port) {
     ll_cuda_check(proxy_launch_add(comm->scratch() + 63, 0, nullptr), "proxy kernel warm-up");
     ll_cuda_check(proxy_launch_store(comm->scratch() + 62, 0, nullptr), "proxy kernel warm-up");
+    ll_cuda_check(proxy_launch_max(comm->scratch() + 61, 0, nullptr), "proxy kernel warm-up");
   }
   ll_cuda_check(cudaDeviceSynchronize(), "LL registration");
   ll_insert(buffer_id, std::move(e));
@@ -186,10 +187,11 @@ const ErrorRecord* host_record(const LlEntry& e) {
 
 std::string describe(const ErrorRecord& r) {
   static const char* phases[] = {"none", "test", "barrier", "dispatch send", "dispatch receive",
-                                 "combine send", "combine receive", "proxy flush"};
-  const char* ph = (r.phase >= 0 && r.phase < 8) ? phases[r.phase] : "?";
+                                 "combine send", "combine receive", "proxy flush", "port-channel proxy"};
+  const char* ph = (r.phase >= 0 && r.phase < 9) ? phases[r.phase] : "?";
   const char* what = r.code == kErrTimeout       ? "timed out waiting for"
                      : r.code == kErrFifoTimeout ? "timed out on the port-channel FIFO towards"
+                     : r.code == kErrPeerLost    ? "lost its connection to"
                                                  : "failed with";
   return "jax_mscclpp_ep: rank " + std::to_string(r.rank) + " " + what + " peer " +
          std::to_string(r.peer) + " in " + ph + " (error code " + std::to_string(r.code) +
@@ -214,6 +216,11 @@ std::string ll_failure(LlEntry& e) {
         r.phase = v->phase;
         r.detail = v->detail;
         e.failure = describe(r);
+#if JMEP_LL_HAVE_CHANNELS
+        // The proxy says why it lost the peer (e.g. the UCX endpoint error).
+        if (r.code == kErrPeerLost && e.comm && e.comm->proxy_failed())
+          e.failure += " Cause: " + e.comm->proxy_error();
+#endif
       }
     }
   }

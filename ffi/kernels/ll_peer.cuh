@@ -75,7 +75,7 @@ __device__ __forceinline__ void ll_release_add_gpu(int32_t* p, int32_t v) {
 // channels' FIFO shares that link).
 __device__ __forceinline__ bool ll_wait_expired(uint64_t start, int64_t seen, const WaitSite& site) {
   if (site.error != nullptr &&
-      *reinterpret_cast<volatile int32_t*>(&site.error->code) == kErrTimeout)
+      error_aborts_waits(*reinterpret_cast<volatile int32_t*>(&site.error->code)))
     return true;
   if (site.timeout_ns > 0 && globaltimer_ns() - start > static_cast<uint64_t>(site.timeout_ns)) {
     record_error(site.error, kErrTimeout, site.rank, site.peer, site.phase,
