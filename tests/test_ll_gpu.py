@@ -228,14 +228,17 @@ def test_ll_simulated_hosts_fresh_routing(layout):
          env=UCX_ENV, name=f"hosts_long_{layout}")
 
 
-def test_ll_simulated_hosts_cuda_graphs():
-    """The LL calls captured into XLA command buffers and replayed, over UCX."""
+@pytest.mark.parametrize("layout", sorted(HOST_LAYOUTS))
+def test_ll_simulated_hosts_cuda_graphs(layout):
+    """The LL calls under XLA command buffers (CUDA graphs), replayed with fresh data and in
+    a jitted loop, over UCX (tests/test_gpu_one.py checks from the HLO dump that such
+    calls are captured)."""
     if (why := _skip_reason(gpus=1) or _ucx_skip_reason()) is not None:
         pytest.skip(why)
     env = dict(UCX_ENV, XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
                                   "--xla_gpu_graph_min_graph_size=1")
-    _run(_host_cmds("2x1", ["--only", "graph_replay", "--steps", "200"]), env=env,
-         name="hosts_graphs")
+    _run(_host_cmds(layout, ["--only", "graph_replay", "--steps", "200"]), env=env,
+         name=f"hosts_graphs_{layout}")
 
 
 # (mode, GPUs needed, steps): one process per rank unless "single"; "one_gpu" modes put
