@@ -52,6 +52,9 @@ class Buffer:
     identity (default ``JMEP_HOST_ID``, else hostname + boot id): peers with another
     host identity are reached through UCX port channels, so processes on one machine
     given different ids act as separate hosts.
+
+    DeepEP-named methods (``low_latency_dispatch``, ``low_latency_combine``,
+    ``get_low_latency_rdma_size_hint``, ...) are attached by ``deepep.py``.
     """
 
     def __init__(self, config: cfg.EPConfig, *, mesh=None, axis_name: str = "ep", devices=None,
