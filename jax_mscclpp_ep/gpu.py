@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.interpreters import mlir
 
+from . import arch
 from . import config as cfg
 from ._native import _ep
 from .primitives import combine_p, dispatch_p
@@ -186,10 +187,17 @@ def _use_p2p(force_port: bool) -> bool:
     return True
 
 
+def validate(config: cfg.EPConfig, devices) -> None:
+    """What Buffer(...) checks on GPUs before it takes an id: the kernels support the
+    config's hidden size and this process's GPUs can run the compiled kernels."""
+    _check_hidden(config.hidden)
+    arch.check_devices(devices)
+
+
 def attach(buffer, devices, num_ranks: int) -> GpuState:
-    """Create the communicators and LL state of ``buffer`` on this process's GPUs."""
+    """Create the communicators and LL state of ``buffer`` on this process's GPUs
+    (after ``validate``)."""
     c = buffer.config
-    _check_hidden(c.hidden)
     force_port = _env_force_port() if buffer.force_port is None else bool(buffer.force_port)
     devices = list(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]
