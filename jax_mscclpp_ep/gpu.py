@@ -15,9 +15,14 @@ import jax
 import numpy as np
 from jax.interpreters import mlir
 
-from . import arch
-from . import config as cfg
+from . import _native
 from ._native import _ep
+
+if not _native.cuda_enabled():  # a GPU Buffer reached this module without the CUDA build
+    raise ImportError(_native.no_cuda_message())
+
+from . import arch  # noqa: E402
+from . import config as cfg  # noqa: E402
 from .primitives import combine_p, dispatch_p
 from .split import combine_recv_p, combine_send_p, dispatch_recv_p, dispatch_send_p
 
