@@ -1,4 +1,4 @@
-"""The DeepEP-named face (deepep.py) on CPU: a DeepEP-style step body through
+"""The DeepEP-named face (deepep.py) on CPU: a DeepEP-style step body (_deepep_steps.py) through
 Buffer.low_latency_dispatch / low_latency_combine equals the plain API bit for bit
 (bf16 and fp8, with and without the receive hook, with statistics); UE8M0 scales;
 the checks and the parts not offered."""
@@ -11,6 +11,7 @@ import pytest
 import jax_mscclpp_ep as ep
 from jax_mscclpp_ep import deepep
 
+import _deepep_steps as steps
 import _ep_util as u
 
 R, T, H, K, E = 8, 10, 512, 4, 16
@@ -19,51 +20,6 @@ M = 12  # num_max_dispatch_tokens_per_rank (> T: not every rank fills its slots)
 
 def _buffer():
     return ep.Buffer(ep.EPConfig(num_experts=E, max_tokens_per_rank=M, hidden=H), mesh=u.mesh_of(R))
-
-
-def _experts(recv_x, use_fp8):
-    """A stand-in expert computation on the received rows (bf16 in, bf16 out)."""
-    rows = ep.dequantize(*recv_x) if use_fp8 else recv_x.astype(jnp.float32)
-    return jnp.tanh(rows * 0.5).astype(jnp.bfloat16)
-
-
-def _deepep_step(buf, use_fp8, hook, round_scale=False):
-    """How a DeepEP LL script writes the step (tuple results, hook, cumulative stats)."""
-    def step(x, topk_idx, topk_weights, stats):
-        results = buf.low_latency_dispatch(
-            x, topk_idx, M, E, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
-            round_scale=round_scale, return_recv_hook=hook)
-        recv_x, recv_count, handle, event, recv_hook = results
-        assert event is None
-        if hook:
-            assert recv_x is None and recv_count is None and handle is None
-            results = recv_hook()
-            recv_x, recv_count, handle = results
-            assert recv_hook() is results  # the receive half ran once
-        else:
-            assert recv_hook is None
-        y = _experts(recv_x, use_fp8)
-        combined_x, event, combine_hook = buf.low_latency_combine(
-            y, topk_idx, topk_weights, handle, return_recv_hook=hook)
-        assert event is None
-        if hook:
-            assert combined_x is None
-            combined_x = combine_hook()
-        fp8, scales = recv_x if use_fp8 else (recv_x, jnp.zeros((0,), jnp.float32))
-        return fp8, scales, recv_count, handle.src_info, results.stats, combined_x
-
-    return step
-
-
-def _plain_step(buf, use_fp8, round_scale=False):
-    def step(x, topk_idx, topk_weights, stats):
-        res = ep.dispatch(x, topk_idx, buf, use_fp8=use_fp8, round_scale=round_scale, stats=stats)
-        recv_x = (res.recv_x, res.recv_scales) if use_fp8 else res.recv_x
-        out = ep.combine(_experts(recv_x, use_fp8), topk_idx, topk_weights, res.handle, buf)
-        scales = res.recv_scales if use_fp8 else jnp.zeros((0,), jnp.float32)
-        return res.recv_x, scales, res.recv_count, res.handle.src_info, res.stats, out
-
-    return step
 
 
 def _inputs(rng):
@@ -78,13 +34,13 @@ def test_deepep_step_equals_plain_api(use_fp8, hook):
     rng, seed = u.fresh_rng()
     args = _inputs(rng)
     buf = _buffer()
-    got = u.shard_run(R, _deepep_step(buf, use_fp8, hook), *args)
-    want = u.shard_run(R, _plain_step(buf, use_fp8), *args)
-    names = ("recv_x", "scales", "recv_count", "src_info", "stats", "combined_x")
+    got = u.shard_run(R, steps.deepep_step(buf, use_fp8, hook), *args)
+    want = u.shard_run(R, steps.plain_step(buf, use_fp8), *args)
+    names = ("recv_x", "scales", "recv_count", "src_info", "layout_range", "stats", "combined_x")
     for name, a, b in zip(names, got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f"seed {seed}: {name}")
-    assert (got[4] >= args[3]).all() and got[4].sum() > args[3].sum(), f"seed {seed}: stats"
+    assert (got[5] >= args[3]).all() and got[5].sum() > args[3].sum(), f"seed {seed}: stats"
 
 
 def test_ue8m0_scales_are_the_rounded_scales_packed():
