@@ -7,7 +7,10 @@ once with the MoE under shard_map (mesh ("dp", "ep"), tokens exchanged by
 dispatch/combine) and once densely (every expert computed for every token,
 no exchange). The two loss curves must match step for step within tolerance.
 
-    python examples/train_moe.py [--steps 300] [--gpu] [--plot examples/results/train_loss_cpu.png]
+    python examples/train_moe.py [--steps 300] [--gpu] [--plot [PNG]]
+
+--plot alone writes results/train_loss_<platform>.png next to this script
+(needs matplotlib: pip install ".[plot]").
 """
 
 import argparse
@@ -85,7 +88,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--dp", type=int, default=2, help="data-parallel axis size (must divide #devices)")
     ap.add_argument("--tol", type=float, default=3e-2, help="max relative loss difference allowed")
-    ap.add_argument("--plot", default=None, help="PNG path for the loss curves (needs matplotlib)")
+    ap.add_argument("--plot", nargs="?", const="", default=None,
+                    help="write the loss curves to this PNG (alone: results/train_loss_<platform>.png "
+                         "beside this script; needs matplotlib)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args(argv)
@@ -152,8 +157,11 @@ def main(argv=None):
         print(f"  step {i:4d}: EP {l_ep[i]:.6f}  dense {l_d[i]:.6f}  |diff| {abs(l_ep[i] - l_d[i]):.2e}")
     print(f"max |loss_EP - loss_dense| = {np.abs(l_ep - l_d).max():.3e}, "
           f"max relative = {rel.max():.3e} (step {int(rel.argmax())})")
-    if a.plot:
-        plot(a.plot, l_ep, l_d, dict(mesh.shape), devices[0].platform)
+    if a.plot is not None:
+        platform = devices[0].platform
+        path = a.plot or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                      f"train_loss_{platform}.png")
+        plot(path, l_ep, l_d, dict(mesh.shape), platform)
     if isinstance(buf, ep.Buffer):
         buf.close()
     if not rel.max() <= a.tol or not l_ep[-1] < l_ep[0]:
@@ -169,7 +177,7 @@ def plot(path, l_ep, l_d, mesh_shape, platform):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot")
+        print('matplotlib not installed: no plot (pip install ".[plot]")')
         return
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})

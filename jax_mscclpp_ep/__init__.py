@@ -14,7 +14,7 @@ from .primitives import combine_p, dispatch_p
 from .reference import dequantize, fp8_cast, unpack_layout
 from .split import (PendingCombine, PendingDispatch, combine_recv, combine_send, dispatch_recv,
                     dispatch_send)
-from . import moe
+from . import deepep, moe  # deepep: Buffer's DeepEP-named methods
 
 __version__ = "0.1.0"
 
@@ -28,4 +28,5 @@ __all__ = [
     "combine_p", "config", "cuda_enabled", "dequantize", "dispatch", "dispatch_p", "fp8_cast",
     "invalid_ids", "native_version", "reference", "size_hint", "unpack_layout", "dispatch_send", "dispatch_recv",
     "combine_send", "combine_recv", "PendingDispatch", "PendingCombine", "moe",
+    "deepep",
 ]

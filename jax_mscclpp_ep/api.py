@@ -14,6 +14,8 @@ from jax import lax
 
 from . import config as cfg
 from .buffer import Buffer
+from . import ids
+from .ids import invalid_ids  # noqa: F401  (public; the package exports it from here)
 from .autodiff import dispatch_dequantized  # also registers the derivative rules
 from .primitives import combine_p, dispatch_p
 
@@ -81,24 +83,6 @@ def _order_from(after) -> jax.Array:
     return order
 
 
-def invalid_ids(topk_idx, num_experts: int) -> jax.Array:
-    """int32 scalar: how many entries of topk_idx lie outside [-1, num_experts).
-
-    dispatch drops such slots (treated like -1, counted by ``Buffer.dropped_ids``);
-    this is the same count computed in the graph, for this rank's rows.
-    """
-    idx = jnp.asarray(topk_idx)
-    return jnp.sum(((idx < -1) | (idx >= num_experts)).astype(jnp.int32))
-
-
-def _check_ids(topk_idx, num_experts: int, what: str) -> None:
-    # Imported here: checkify is only needed by callers who ask for the check.
-    from jax.experimental import checkify
-    n = invalid_ids(topk_idx, num_experts)
-    checkify.check(n == 0, f"jax_mscclpp_ep.{what}: topk_idx holds {{n}} expert ids outside "
-                   f"[-1, {num_experts}); dispatch would drop them", n=n)
-
-
 def _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
                        what: str):
     """Trace-time checks of dispatch and dispatch_send: (primitive params, stats_in)."""
@@ -109,7 +93,7 @@ def _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale, sta
         raise ValueError("round_scale=True needs use_fp8=True")
     cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
     if check_ids:
-        _check_ids(topk_idx, config.num_experts, what)
+        ids.check_ids(topk_idx, config.num_experts, axis_name, what)
     le = config.num_experts // num_ranks
     stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
     params = dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,

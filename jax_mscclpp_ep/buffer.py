@@ -52,6 +52,9 @@ class Buffer:
     identity (default ``JMEP_HOST_ID``, else hostname + boot id): peers with another
     host identity are reached through UCX port channels, so processes on one machine
     given different ids act as separate hosts.
+
+    DeepEP-named methods (``low_latency_dispatch``, ``low_latency_combine``,
+    ``get_low_latency_rdma_size_hint``, ...) are attached by ``deepep.py``.
     """
 
     def __init__(self, config: cfg.EPConfig, *, mesh=None, axis_name: str = "ep", devices=None,
@@ -59,8 +62,6 @@ class Buffer:
                  host_id: str | None = None):
         if not isinstance(config, cfg.EPConfig):
             raise TypeError(f"config must be an EPConfig, got {type(config).__name__}")
-        with _ids_lock:
-            self.id = next(_ids)
         self.config = config
         self.axis_name = axis_name
         self.mesh = mesh
@@ -82,8 +83,15 @@ class Buffer:
         self.host_id = host_id
         self._closed = False
         self._device_state = None
-        if any(d.platform == "gpu" for d in devices):
+        on_gpu = any(d.platform == "gpu" for d in devices)
+        if on_gpu:
             from . import gpu  # needs the CUDA build
+            gpu.validate(config, devices)
+        # Only a Buffer that passed validation takes an id, so failed attempts leave the
+        # numbering alone (ids name each Buffer's key-value namespace across processes).
+        with _ids_lock:
+            self.id = next(_ids)
+        if on_gpu:
             self._device_state = gpu.attach(self, devices, self.num_ranks)
             _open_buffers.add(self)
 

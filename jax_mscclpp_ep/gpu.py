@@ -15,8 +15,14 @@ import jax
 import numpy as np
 from jax.interpreters import mlir
 
-from . import config as cfg
+from . import _native
 from ._native import _ep
+
+if not _native.cuda_enabled():  # a GPU Buffer reached this module without the CUDA build
+    raise ImportError(_native.no_cuda_message())
+
+from . import arch  # noqa: E402
+from . import config as cfg  # noqa: E402
 from .primitives import combine_p, dispatch_p
 from .split import combine_recv_p, combine_send_p, dispatch_recv_p, dispatch_send_p
 
@@ -186,10 +192,17 @@ def _use_p2p(force_port: bool) -> bool:
     return True
 
 
+def validate(config: cfg.EPConfig, devices) -> None:
+    """What Buffer(...) checks on GPUs before it takes an id: the kernels support the
+    config's hidden size and this process's GPUs can run the compiled kernels."""
+    _check_hidden(config.hidden)
+    arch.check_devices(devices)
+
+
 def attach(buffer, devices, num_ranks: int) -> GpuState:
-    """Create the communicators and LL state of ``buffer`` on this process's GPUs."""
+    """Create the communicators and LL state of ``buffer`` on this process's GPUs
+    (after ``validate``)."""
     c = buffer.config
-    _check_hidden(c.hidden)
     force_port = _env_force_port() if buffer.force_port is None else bool(buffer.force_port)
     devices = list(devices)
     local = [d for d in devices if d.process_index == jax.process_index()]

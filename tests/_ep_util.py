@@ -47,13 +47,15 @@ def mesh_of(r):
     return Mesh(np.array(jax.devices("cpu")[:r]), ("ep",))
 
 
-def shard_run(r, fn, *args):
-    """Run fn per rank under jit(shard_map) over r CPU devices; args/outs stacked on axis 0."""
+def shard_run(r, fn, *args, mesh=None):
+    """Run fn per rank under jit(shard_map) over r CPU devices (or ``mesh``, axis "ep");
+    args/outs stacked on axis 0."""
     def body(*a):
         out = fn(*[v[0] for v in a])
         return jax.tree.map(lambda o: o[None], out)
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh_of(r), in_specs=P("ep"), out_specs=P("ep")))
+    f = jax.jit(jax.shard_map(body, mesh=mesh_of(r) if mesh is None else mesh, in_specs=P("ep"),
+                              out_specs=P("ep")))
     return jax.tree.map(np.asarray, f(*[jnp.asarray(a) for a in args]))
 
 

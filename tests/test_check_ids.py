@@ -65,12 +65,20 @@ def test_check_ids_reports_bad_routing(send_half):
     msg = err.get()
     assert msg is not None, seed
     name = "dispatch_send" if send_half else "dispatch"
-    assert f"jax_mscclpp_ep.{name}: topk_idx holds 1 expert ids outside [-1, {E})" in msg, msg
+    assert f"jax_mscclpp_ep.{name}: topk_idx holds 1 expert id outside [-1, {E}) across the EP " \
+           "axis 'ep'" in msg, msg
+    # Bad ids on both ranks: the message counts the whole group's.
+    idx[0, (t + 1) % T, k] = -2
+    idx[1, (t + 2) % T, (k + 1) % K] = 10 * E
+    err, _ = _checked(send_half)(jnp.asarray(x), jnp.asarray(idx))
+    assert f"topk_idx holds 3 expert ids outside [-1, {E})" in (err.get() or ""), err.get()
 
 
 def test_check_ids_needs_checkify():
     rng, _ = fresh_rng()
     x, idx, _ = make_inputs(rng, 1, T, H, K, E)
     f = jax.jit(lambda a, b: ep.dispatch(a, b, CONFIG, axis_name=None, check_ids=True).recv_x)
-    with pytest.raises(ValueError, match="checkify"):
+    with pytest.raises(ValueError, match=r"jax_mscclpp_ep.dispatch\(check_ids=True\) adds a "
+                       r"checkify check, which needs the jitted step wrapped in checkify: .*"
+                       r"errors=checkify.user_checks"):
         f(jnp.asarray(x[0]), jnp.asarray(idx[0]))

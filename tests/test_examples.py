@@ -45,3 +45,18 @@ def test_launch_multiprocess_simulated_hosts():
                           timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "OK: all 2 processes passed" in proc.stdout, out[-4000:]
+
+
+def test_train_moe_plot_without_a_path(tmp_path):
+    """--plot alone writes results/train_loss_cpu.png beside the script (run from a copy,
+    so the committed plot is left alone)."""
+    pytest.importorskip("matplotlib")
+    script = tmp_path / "train_moe.py"
+    script.write_text(open(os.path.join(ROOT, "examples", "train_moe.py")).read())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(script), "--steps", "20", "--plot"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    png = tmp_path / "results" / "train_loss_cpu.png"
+    assert proc.returncode == 0 and png.is_file() and png.stat().st_size > 1000, \
+        (proc.stdout + proc.stderr)[-4000:]

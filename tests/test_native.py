@@ -27,3 +27,41 @@ def test_size_hint_matches_native_layout():
         pytest.skip("no CUDA build with the LL layout")
     for m, h, r, e in [(128, 7168, 2, 256), (64, 4096, 8, 64), (1, 128, 1, 1), (1024, 8192, 4, 1024)]:
         assert _native._ep.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
+
+
+DEFAULT_ARCHS = "80-real,90-real,100-real,120-real,120-virtual"
+
+
+@pytest.mark.skipif(os.environ.get("JMEP_EXPECT_CUDA") != "1" or os.environ.get("JMEP_CUDA_ARCHS"),
+                    reason="CI builds the default architecture list")
+def test_default_architectures_compiled():
+    assert _native._ep.cuda_archs() == DEFAULT_ARCHS
+
+
+def test_gpu_without_kernel_image_is_named_with_the_fix():
+    from jax_mscclpp_ep import arch
+    assert arch.arch_error("GPU 0 (Tesla T4)", "9.0", "", DEFAULT_ARCHS) is None
+    msg = arch.arch_error("GPU 0 (Tesla T4)", "7.5", "no kernel image is available for execution "
+                          "on the device", DEFAULT_ARCHS.replace(",", ";"))
+    assert msg.startswith("jax_mscclpp_ep: GPU 0 (Tesla T4) (compute capability 7.5) cannot run")
+    assert "80-real;90-real" in msg and "JMEP_CUDA_ARCHS=75 pip install" in msg
+    assert "JMEP_CUDA_ARCHS=native" in arch.arch_error("GPU 1 (x)", "?", "unknown error", "90")
+
+
+def test_source_tree_import_says_so():
+    """Python run in the repository root imports the source tree (no compiled module):
+    where CUDA is expected, the import warns and says what to do."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if any(f.startswith("_ep") for f in os.listdir(os.path.join(root, "jax_mscclpp_ep"))):
+        pytest.skip("an in-place build put the compiled module into the source tree")
+    env = dict(os.environ, JMEP_EXPECT_CUDA="1", PYTHONWARNINGS="default")
+    env.pop("PYTHONPATH", None)
+    code = "import jax_mscclpp_ep as e, jax_mscclpp_ep._native as n; print(n.no_cuda_message())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    want = f"you are importing the source tree at {os.path.join(root, 'jax_mscclpp_ep')}"
+    assert want in p.stderr and "pip install ." in p.stderr, p.stderr
+    assert want in p.stdout  # also the reason a GPU Buffer gives

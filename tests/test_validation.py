@@ -159,6 +159,19 @@ def test_buffer_checks():
         _trace_dispatch(GOOD_X, GOOD_IDX, config=buf)
 
 
+def test_failed_buffers_take_no_id():
+    """Ids name each Buffer's key-value namespace across processes: a constructor that
+    raised must not shift the numbering."""
+    first = ep.Buffer(CFG, mesh=u.mesh_of(2))
+    for bad in (dict(mesh=u.mesh_of(3)), dict(mesh=u.mesh_of(2), axis_name="tp"),
+                dict(mesh=u.mesh_of(2), host_id="")):
+        with pytest.raises(ValueError):
+            ep.Buffer(CFG, **bad)
+    with pytest.raises(TypeError):
+        ep.Buffer({"num_experts": 8})
+    assert ep.Buffer(CFG, mesh=u.mesh_of(2)).id == first.id + 1
+
+
 def test_buffer_runs_on_cpu():
     rng, _ = u.fresh_rng()
     x, idx, w = u.make_inputs(rng, 2, 4, 256, 2, 8)
