@@ -2,7 +2,7 @@
 # Across hosts on the one-GPU machine (nvidia-h200), one device call: install the
 # libucx-cu13 wheel carried in .whl/, build, then processes sharing GPU 0 with their own
 # JMEP_HOST_ID talk over UCX (TCP loopback + cuda_copy) as separate hosts would.
-#   STAGES="build info smoke conn channels ll long graphs dead regress sanitize example bench" (default all but smoke)
+#   STAGES="build info smoke conn channels ll long graphs lifecycle dead regress sanitize example bench" (default all but smoke)
 #   LLK narrows the simulated-hosts LL pytest (-k); logs go to $OUT.
 # Call with carry [".whl"].
 set -uo pipefail
@@ -11,7 +11,7 @@ export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 export UCX_WARN_UNUSED_ENV_VARS=n
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-300}
-STAGES=${STAGES:-"build info conn channels ll long graphs dead regress sanitize example bench"}
+STAGES=${STAGES:-"build info conn channels ll long graphs lifecycle dead regress sanitize example bench"}
 PYT="pytest -q -rA -p no:cacheprovider"
 summary() { grep -hE "PASS|FAIL|passed|failed|Error|SUMMARY|rank .* -> peer|channels:" "$@" | grep -v "^  File" | head -${N:-60}; }
 {
@@ -59,6 +59,10 @@ fi
 if [[ $STAGES == *graphs* ]]; then
   echo "== $(date -u +%T) CUDA graphs across simulated hosts"
   timeout 300 $PYT tests/test_ll_gpu.py -k "simulated_hosts_cuda_graphs" > "$OUT/ll_graphs.txt" 2>&1; summary "$OUT/ll_graphs.txt"
+fi
+if [[ $STAGES == *lifecycle* ]]; then
+  echo "== $(date -u +%T) 100 Buffers created/closed and exit without close, across simulated hosts"
+  timeout 400 $PYT tests/test_ll_gpu.py -k "simulated_hosts_lifecycle" > "$OUT/ll_lifecycle.txt" 2>&1; summary "$OUT/ll_lifecycle.txt"
 fi
 if [[ $STAGES == *dead* ]]; then
   echo "== $(date -u +%T) killed peer over UCX (and the one-GPU mem/port paths)"
