@@ -74,6 +74,8 @@ def test_check_ids_reports_bad_routing(send_half):
     assert f"topk_idx holds 3 expert ids outside [-1, {E})" in (err.get() or ""), err.get()
 
 
+@pytest.mark.skipif(jax.__version_info__[:2] != (0, 10),
+                    reason="the named message needs checkify's rule table as of jax 0.10 (ids.py)")
 def test_check_ids_needs_checkify():
     rng, _ = fresh_rng()
     x, idx, _ = make_inputs(rng, 1, T, H, K, E)
