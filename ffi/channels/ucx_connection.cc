@@ -50,19 +50,22 @@ const UcxApi* load_api(const std::string& path) {
       throw std::runtime_error(std::string("jax_mscclpp_ep: ") + path + " lacks " + name);
     return f;
   };
-  a.version = reinterpret_cast<decltype(a.version)>(sym("jmep_ucx_version"));
-  a.create = reinterpret_cast<decltype(a.create)>(sym("jmep_ucx_create"));
-  a.address = reinterpret_cast<decltype(a.address)>(sym("jmep_ucx_address"));
-  a.connect = reinterpret_cast<decltype(a.connect)>(sym("jmep_ucx_connect"));
-  a.put = reinterpret_cast<decltype(a.put)>(sym("jmep_ucx_put"));
-  a.add = reinterpret_cast<decltype(a.add)>(sym("jmep_ucx_add"));
-  a.store = reinterpret_cast<decltype(a.store)>(sym("jmep_ucx_store"));
-  a.flush = reinterpret_cast<decltype(a.flush)>(sym("jmep_ucx_flush"));
-  a.progress = reinterpret_cast<decltype(a.progress)>(sym("jmep_ucx_progress"));
-  a.last_error = reinterpret_cast<decltype(a.last_error)>(sym("jmep_ucx_last_error"));
-  a.failed_peer = reinterpret_cast<decltype(a.failed_peer)>(sym("jmep_ucx_failed_peer"));
-  a.describe = reinterpret_cast<decltype(a.describe)>(sym("jmep_ucx_describe"));
-  a.destroy = reinterpret_cast<decltype(a.destroy)>(sym("jmep_ucx_destroy"));
+  // Each entry point by its name: a.put = jmep_ucx_put, ...
+#define JMEP_UCX_SYM(f) a.f = reinterpret_cast<decltype(a.f)>(sym("jmep_ucx_" #f))
+  JMEP_UCX_SYM(version);
+  JMEP_UCX_SYM(create);
+  JMEP_UCX_SYM(address);
+  JMEP_UCX_SYM(connect);
+  JMEP_UCX_SYM(put);
+  JMEP_UCX_SYM(add);
+  JMEP_UCX_SYM(store);
+  JMEP_UCX_SYM(flush);
+  JMEP_UCX_SYM(progress);
+  JMEP_UCX_SYM(last_error);
+  JMEP_UCX_SYM(failed_peer);
+  JMEP_UCX_SYM(describe);
+  JMEP_UCX_SYM(destroy);
+#undef JMEP_UCX_SYM
   return &(loaded[path] = a);
 }
 
