@@ -16,6 +16,7 @@ import weakref
 
 import jax
 
+from . import channels
 from . import config as cfg
 
 _ids = itertools.count(1)
@@ -77,10 +78,7 @@ class Buffer:
         self.devices = devices
         self.force_port = force_port
         self.timeout_s = timeout_s
-        if host_id is not None and (not isinstance(host_id, str) or not host_id
-                                    or len(host_id.encode()) > 127):
-            raise ValueError(f"host_id must be a non-empty string of at most 127 bytes, got {host_id!r}")
-        self.host_id = host_id
+        self.host_id = None if host_id is None else channels.check_host_id(host_id)
         self._closed = False
         self._device_state = None
         on_gpu = any(d.platform == "gpu" for d in devices)

@@ -51,14 +51,18 @@ def default_host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def check_host_id(host_id) -> str:
+    """host_id itself, if it is a non-empty string that fits a peer blob (127 bytes)."""
+    if not isinstance(host_id, str) or not host_id or len(host_id.encode()) > 127:
+        raise ValueError(f"host_id must be a non-empty string of at most 127 bytes, got {host_id!r}")
+    return host_id
+
+
 def resolve_host_id(host_id=None) -> str:
     """The host identity of this process's ranks: the argument, else JMEP_HOST_ID,
     else hostname + boot id."""
     hid = host_id if host_id is not None else os.environ.get("JMEP_HOST_ID", "").strip()
-    hid = str(hid) if hid else default_host_id()
-    if len(hid.encode()) > 127:
-        raise ValueError(f"host_id must be at most 127 bytes, got {len(hid.encode())}")
-    return hid
+    return check_host_id(str(hid) if hid else default_host_id())
 
 
 def _kv_client():
@@ -180,16 +184,17 @@ def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, ti
         if not multi and len(mine) != n:
             raise RuntimeError("jax_mscclpp_ep: ranks live in other processes but the job is single-process")
         hosts = _swap(client, f"{ns}/host", {r: h.encode() for r, h in zip(mine, hids)}, n, kv_ms)
-        if any(hosts[r] != hosts[m] for m in mine for r in range(n)):
+        # Local ranks with a peer on another host: they reach it over UCX port channels.
+        remote = [c for c in comms if any(hosts[r] != hosts[c.rank] for r in range(n))]
+        if remote:
             # A peer on another host: UCX port channels. A rank that cannot load UCX
             # tells the others instead of leaving them to wait for its info.
             try:
                 from . import ucx
                 ucx.load()
                 mode = env_ucx_signals()
-                for c in comms:
-                    if any(hosts[r] != hosts[c.rank] for r in range(n)):
-                        c.enable_ucx(ucx.library_path(), mode)
+                for c in remote:
+                    c.enable_ucx(ucx.library_path(), mode)
             except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
                 if client is not None:
                     for r in mine:

@@ -13,6 +13,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-300}
 STAGES=${STAGES:-"build info conn channels ll long graphs lifecycle dead regress sanitize example bench"}
 PYT="pytest -q -rA -p no:cacheprovider"
+# One pytest stage: run_tests LOG TIMEOUT_S PYTEST_ARGS...; output to $OUT/LOG, summary printed.
+run_tests() { local log=$1 tmo=$2; shift 2; timeout "$tmo" $PYT "$@" > "$OUT/$log" 2>&1; summary "$OUT/$log"; }
 summary() { grep -hE "PASS|FAIL|passed|failed|Error|SUMMARY|rank .* -> peer|channels:" "$@" | grep -v "^  File" | head -${N:-60}; }
 {
 echo "== $(date -u +%T) start; stages: $STAGES"
@@ -40,7 +42,7 @@ if [[ $STAGES == *smoke* ]]; then
 fi
 if [[ $STAGES == *conn* ]]; then
   echo "== $(date -u +%T) UCX connection on host memory (the CI tests)"
-  timeout 300 $PYT tests/test_ucx_connection.py > "$OUT/conn.txt" 2>&1; summary "$OUT/conn.txt"
+  run_tests conn.txt 300 tests/test_ucx_connection.py
 fi
 if [[ $STAGES == *channels* ]]; then
   echo "== $(date -u +%T) channel checks, two simulated hosts on GPU 0 (UCX_LOG_LEVEL=info: transports)"
@@ -54,24 +56,24 @@ if [[ $STAGES == *ll* ]]; then
 fi
 if [[ $STAGES == *long* ]]; then
   echo "== $(date -u +%T) 1,000 steps of fresh routing across simulated hosts"
-  timeout 400 $PYT tests/test_ll_gpu.py -k "simulated_hosts_fresh" > "$OUT/ll_long.txt" 2>&1; summary "$OUT/ll_long.txt"
+  run_tests ll_long.txt 400 tests/test_ll_gpu.py -k "simulated_hosts_fresh"
 fi
 if [[ $STAGES == *graphs* ]]; then
   echo "== $(date -u +%T) CUDA graphs across simulated hosts"
-  timeout 300 $PYT tests/test_ll_gpu.py -k "simulated_hosts_cuda_graphs" > "$OUT/ll_graphs.txt" 2>&1; summary "$OUT/ll_graphs.txt"
+  run_tests ll_graphs.txt 300 tests/test_ll_gpu.py -k "simulated_hosts_cuda_graphs"
 fi
 if [[ $STAGES == *lifecycle* ]]; then
   echo "== $(date -u +%T) 100 Buffers created/closed and exit without close, across simulated hosts"
-  timeout 400 $PYT tests/test_ll_gpu.py -k "simulated_hosts_lifecycle" > "$OUT/ll_lifecycle.txt" 2>&1; summary "$OUT/ll_lifecycle.txt"
+  run_tests ll_lifecycle.txt 400 tests/test_ll_gpu.py -k "simulated_hosts_lifecycle"
 fi
 if [[ $STAGES == *dead* ]]; then
   echo "== $(date -u +%T) killed peer over UCX (and the one-GPU mem/port paths)"
-  timeout 300 $PYT tests/test_ll_gpu.py -k "dead_peer and one_gpu" > "$OUT/ll_dead.txt" 2>&1; summary "$OUT/ll_dead.txt"
+  run_tests ll_dead.txt 300 tests/test_ll_gpu.py -k "dead_peer and one_gpu"
   grep -h "survivor saw" "$OUT"/workers/dead_peer_one_gpu_*_0.log | cut -c1-400
 fi
 if [[ $STAGES == *regress* ]]; then
   echo "== $(date -u +%T) single-host paths after the proxy refactor"
-  timeout 400 $PYT tests/test_ll_gpu.py -k "${REGRESSK:-two_processes_one_gpu}" > "$OUT/ll_regress.txt" 2>&1; summary "$OUT/ll_regress.txt"
+  run_tests ll_regress.txt 400 tests/test_ll_gpu.py -k "${REGRESSK:-two_processes_one_gpu}"
 fi
 if [[ $STAGES == *sanitize* ]]; then
   echo "== $(date -u +%T) compute-sanitizer memcheck, two simulated hosts over UCX"

@@ -34,7 +34,10 @@ void record_host_error(ErrorRecord* r, int32_t code, int32_t rank, int32_t peer,
 Proxy::Proxy(ProxyStream* ps, FifoTrigger* slots, uint64_t* tail, uint32_t fifo_size,
              std::vector<ProxyPeer> peers, UcxWorker* ucx, ErrorRecord* err_host, int rank)
     : ps_(ps), slots_(slots), tail_(tail), fifo_size_(fifo_size), peers_(std::move(peers)),
-      signals_sent_(peers_.size(), 0), ucx_(ucx), err_host_(err_host), rank_(rank) {
+      signals_sent_(peers_.size(), 0), stat_(peers_.size(), 0), ucx_(ucx), err_host_(err_host),
+      rank_(rank) {
+  for (size_t p = 0; p < peers_.size(); ++p)
+    stat_[p] = peers_[p].conn != nullptr && std::strcmp(peers_[p].conn->kind(), "ucx") == 0;
   thread_ = std::thread([this] { run(); });
   while (!ready_.load(std::memory_order_acquire)) std::this_thread::yield();
   std::string e = error();
@@ -84,7 +87,7 @@ void Proxy::perform(uint32_t type, uint32_t peer, uint64_t dst, uint64_t src, ui
   if (ok && (type == kTrigSignal || type == kTrigPutSignal))
     ok = c->signal(peers_[peer].sem_off, ++signals_sent_[peer]);
   if (ok && type == kTrigAdd) ok = c->atomic_add(dst, static_cast<int64_t>(src));
-  const int k = std::strcmp(c->kind(), "ucx") == 0 ? 1 : 0;
+  const int k = stat_[peer];
   ops_[k].fetch_add(1, std::memory_order_relaxed);
   ns_[k].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
                        std::chrono::steady_clock::now() - t0).count(),

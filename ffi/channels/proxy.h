@@ -49,6 +49,7 @@ class Proxy {
   uint32_t fifo_size_;
   std::vector<ProxyPeer> peers_;
   std::vector<uint64_t> signals_sent_;
+  std::vector<uint8_t> stat_;  // per peer: which stats slot its triggers count in (1: UCX)
   UcxWorker* ucx_;
   ErrorRecord* err_host_;
   int rank_;
