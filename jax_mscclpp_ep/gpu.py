@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from jax import lax
 from jax.interpreters import mlir
 
 from . import _native
@@ -52,59 +53,70 @@ def _check_hidden(h: int) -> None:
                          f"and <= {cfg.GPU_MAX_HIDDEN}, got {h}")
 
 
-def _dispatch_lowering(ctx, x, topk_idx, stats, order, *, num_experts, max_tokens, num_ranks,
-                       axis_name, use_fp8, round_scale, buffer_id, phases=_PHASES_BOTH):
-    del num_ranks, axis_name
-    _check_target(DISPATCH_TARGET, buffer_id)
-    _check_hidden(ctx.avals_in[0].shape[1])
-    rule = jax.ffi.ffi_lowering(DISPATCH_TARGET, operand_output_aliases={2: 5, 3: 6})
-    return rule(ctx, x, topk_idx, stats, order, buffer_id=np.int64(buffer_id),
-                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens),
-                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)),
-                phases=np.int64(phases))
+def isolated_call(target: str, avals_out, operands, aliases, **attrs):
+    """One FFI custom call whose operands and results pass through optimization barriers.
+
+    The barriers keep XLA:GPU's dynamic-slice fusion (on by default in jax 0.11) from
+    folding the slicing of stacked lax.scan residuals into our custom call's operands
+    and results: with that fusion our kernels got wrong data inside while loops (the
+    router gradient of layers scanned on one Buffer, 1x H200, jax 0.11.2; correct with
+    --xla_gpu_enable_dynamic_slice_fusion=false). The slices become ordinary copies.
+    Traced inside a lowering (``mlir.lower_fun``)."""
+    out_types = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals_out)
+    operands = lax.optimization_barrier(tuple(operands))
+    outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases)(*operands, **attrs)
+    return list(lax.optimization_barrier(tuple(outs)))
 
 
-def _combine_lowering(ctx, y, topk_idx, topk_weights, src_info, layout_range, order, *,
-                      num_experts, max_tokens, num_ranks, axis_name, buffer_id,
-                      phases=_PHASES_BOTH):
-    del num_ranks, axis_name
-    _check_target(COMBINE_TARGET, buffer_id)
-    _check_hidden(ctx.avals_in[0].shape[2])
-    rule = jax.ffi.ffi_lowering(COMBINE_TARGET, operand_output_aliases={5: 1})
-    return rule(ctx, y, topk_idx, topk_weights, src_info, layout_range, order,
-                buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
-                max_tokens=np.int64(max_tokens), phases=np.int64(phases))
+def ffi_lowering(target: str, aliases: dict, attrs_of):
+    """Lowering rule of a primitive to ``target``: attrs_of(avals_in, **params) checks the
+    call and returns the handler's attributes."""
+    def rule(ctx, *args, **params):
+        attrs = attrs_of(ctx.avals_in, **params)
+        fn = lambda *xs: isolated_call(target, ctx.avals_out, xs, aliases, **attrs)  # noqa: E731
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    return rule
 
 
-def _dispatch_send_lowering(ctx, x, topk_idx, order, *, num_experts, max_tokens, num_ranks,
-                            axis_name, use_fp8, round_scale, buffer_id):
-    del num_ranks, axis_name
-    _check_target(DISPATCH_SEND_TARGET, buffer_id)
-    _check_hidden(ctx.avals_in[0].shape[1])
-    rule = jax.ffi.ffi_lowering(DISPATCH_SEND_TARGET, operand_output_aliases={2: 0})
-    return rule(ctx, x, topk_idx, order, buffer_id=np.int64(buffer_id),
-                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens),
-                use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
+def _common(target, buffer_id, hidden, num_experts, max_tokens):
+    _check_target(target, buffer_id)
+    _check_hidden(hidden)
+    return dict(buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
+                max_tokens=np.int64(max_tokens))
 
 
-def _combine_send_lowering(ctx, y, src_info, layout_range, order, *, num_experts, max_tokens,
-                           num_ranks, axis_name, buffer_id):
-    del num_ranks, axis_name
-    _check_target(COMBINE_SEND_TARGET, buffer_id)
-    _check_hidden(ctx.avals_in[0].shape[2])
-    rule = jax.ffi.ffi_lowering(COMBINE_SEND_TARGET, operand_output_aliases={3: 0})
-    return rule(ctx, y, src_info, layout_range, order, buffer_id=np.int64(buffer_id),
-                num_experts=np.int64(num_experts), max_tokens=np.int64(max_tokens))
+def _dispatch_attrs(avals, *, num_experts, max_tokens, use_fp8, round_scale, buffer_id,
+                    phases=_PHASES_BOTH, target=DISPATCH_TARGET, **_):
+    attrs = _common(target, buffer_id, avals[0].shape[1], num_experts, max_tokens)
+    attrs.update(use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
+    if target == DISPATCH_TARGET:
+        attrs["phases"] = np.int64(phases)
+    return attrs
 
 
-mlir.register_lowering(dispatch_p, _dispatch_lowering, platform="cuda")
-mlir.register_lowering(combine_p, _combine_lowering, platform="cuda")
-mlir.register_lowering(dispatch_send_p, _dispatch_send_lowering, platform="cuda")
-mlir.register_lowering(combine_send_p, _combine_send_lowering, platform="cuda")
-mlir.register_lowering(dispatch_recv_p, functools.partial(_dispatch_lowering, phases=_PHASES_RECV),
+def _combine_attrs(avals, *, num_experts, max_tokens, buffer_id, phases=_PHASES_BOTH,
+                   target=COMBINE_TARGET, **_):
+    attrs = _common(target, buffer_id, avals[0].shape[2], num_experts, max_tokens)
+    if target == COMBINE_TARGET:
+        attrs["phases"] = np.int64(phases)
+    return attrs
+
+
+_P = functools.partial
+mlir.register_lowering(dispatch_p, ffi_lowering(DISPATCH_TARGET, {2: 5, 3: 6}, _dispatch_attrs),
                        platform="cuda")
-mlir.register_lowering(combine_recv_p, functools.partial(_combine_lowering, phases=_PHASES_RECV),
+mlir.register_lowering(combine_p, ffi_lowering(COMBINE_TARGET, {5: 1}, _combine_attrs),
                        platform="cuda")
+mlir.register_lowering(dispatch_send_p, ffi_lowering(
+    DISPATCH_SEND_TARGET, {2: 0}, _P(_dispatch_attrs, target=DISPATCH_SEND_TARGET)),
+    platform="cuda")
+mlir.register_lowering(combine_send_p, ffi_lowering(
+    COMBINE_SEND_TARGET, {3: 0}, _P(_combine_attrs, target=COMBINE_SEND_TARGET)),
+    platform="cuda")
+mlir.register_lowering(dispatch_recv_p, ffi_lowering(
+    DISPATCH_TARGET, {2: 5, 3: 6}, _P(_dispatch_attrs, phases=_PHASES_RECV)), platform="cuda")
+mlir.register_lowering(combine_recv_p, ffi_lowering(
+    COMBINE_TARGET, {5: 1}, _P(_combine_attrs, phases=_PHASES_RECV)), platform="cuda")
 
 
 # ---------------------------------------------------------------- device state

@@ -24,7 +24,7 @@ import numpy as np
 from jax.interpreters import mlir
 
 from . import reference
-from .gpu import _TARGETS, _check_hidden, _check_target
+from .gpu import _TARGETS, _check_hidden, _check_target, isolated_call
 from .primitives_bwd import gather_rows_p, scatter_to_rows_p
 
 SCATTER_ROWS_TARGET = "jmep_ll_scatter_rows"
@@ -45,11 +45,11 @@ def row_map(src_info, layout_range, max_tokens: int):
 
 def _call(target, out_shape, order, *args, buffer_id, num_experts, max_tokens):
     """One custom call: bf16 out_shape and the order token (aliased to the last operand)."""
-    call = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
-                                     jax.ShapeDtypeStruct(order.shape, order.dtype)),
-                            input_output_aliases={len(args): 1})
-    return call(*args, order, buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
-                max_tokens=np.int64(max_tokens))
+    avals = (jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
+             jax.ShapeDtypeStruct(order.shape, order.dtype))
+    return isolated_call(target, avals, (*args, order), {len(args): 1},
+                         buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
+                         max_tokens=np.int64(max_tokens))
 
 
 def _scatter_kernel(g, topk_idx, topk_weights, src_info, layout_range, order, *, num_experts,

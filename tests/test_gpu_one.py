@@ -256,10 +256,7 @@ def test_kernels_replay_inside_cuda_graphs(gpu_mesh, tmp_path, types):
 
 # ---------------------------------------------------------------- issue 16 on the kernels
 
-@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.xfail(
-    reason="open bug, GPU only: under lax.scan the layers' router gradient is wrong "
-           "(1x H200, 2026-12-01: norm rel err 0.59; the loop and the CPU scan pass)",
-    strict=False))], ids=["loop", "scan"])
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_layers_share_one_buffer_on_gpu(gpu_mesh, scan):
     """Three MoE layers on one Buffer (a loop, then a lax.scan over stacked params):
     output and gradients equal the dense model's, as on CPU (test_shared_buffer.py)."""
