@@ -26,7 +26,7 @@ from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_mscclpp_ep as ep  # noqa: E402
-from jax_mscclpp_ep._native import _ep  # noqa: E402
+from jax_mscclpp_ep.native import ext as _ep  # noqa: E402
 
 PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows received"),
           "combine": ("running", "rows sent", "tokens reduced", "flags seen")}

@@ -6,22 +6,17 @@ channel layer, on CPUs to a pure-JAX reference with the same contract.
 """
 
 from . import config, reference
-from ._native import cuda_enabled, native_version
+from .native import cuda_enabled, native_version
 from .api import DispatchHandle, DispatchResult, combine, dispatch, invalid_ids
 from .buffer import Buffer, BufferClosedError
 from .config import EPConfig, size_hint
-from .primitives import combine_p, dispatch_p
+from .exchanges import combine_p, dispatch_p
 from .reference import dequantize, fp8_cast, unpack_layout
 from .split import (PendingCombine, PendingDispatch, combine_recv, combine_send, dispatch_recv,
                     dispatch_send)
 from . import deepep, moe  # deepep: Buffer's DeepEP-named methods
 
 __version__ = "0.1.0"
-
-import importlib.util as _ilu
-
-if cuda_enabled() and _ilu.find_spec(__name__ + ".gpu") is not None:
-    from . import gpu  # registers the FFI targets and CUDA lowerings
 
 __all__ = [
     "Buffer", "BufferClosedError", "DispatchHandle", "DispatchResult", "EPConfig", "combine",

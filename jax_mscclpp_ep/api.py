@@ -17,7 +17,7 @@ from .buffer import Buffer
 from . import ids
 from .ids import invalid_ids  # noqa: F401  (public; the package exports it from here)
 from .autodiff import dispatch_dequantized  # also registers the derivative rules
-from .primitives import combine_p, dispatch_p
+from .exchanges import combine_p, dispatch_p
 
 
 class DispatchHandle(NamedTuple):
@@ -41,7 +41,7 @@ BufferOrConfig = Union[Buffer, cfg.EPConfig]
 BUFFER_AXIS = "__buffer_axis__"
 
 
-def _resolve(buffer: BufferOrConfig, axis_name):
+def resolve(buffer: BufferOrConfig, axis_name):
     """(config, axis_name, buffer_id) from a Buffer or a bare EPConfig (CPU only)."""
     if isinstance(buffer, Buffer):
         buffer.check_open()
@@ -51,7 +51,7 @@ def _resolve(buffer: BufferOrConfig, axis_name):
     raise TypeError(f"expected a jax_mscclpp_ep.Buffer or EPConfig, got {type(buffer).__name__}")
 
 
-def _num_ranks(axis_name) -> int:
+def axis_ranks(axis_name) -> int:
     if axis_name is None:
         return 1
     try:
@@ -63,14 +63,14 @@ def _num_ranks(axis_name) -> int:
             "for a single rank") from e
 
 
-def _check_mesh(buffer, num_ranks):
+def check_mesh(buffer, num_ranks):
     if isinstance(buffer, Buffer) and buffer.num_ranks != num_ranks:
         raise ValueError(
             f"{buffer!r} was created for an EP group of {buffer.num_ranks} ranks but is used on an "
             f"axis of size {num_ranks}")
 
 
-def _order_from(after) -> jax.Array:
+def order_from(after) -> jax.Array:
     if after is None:
         return jnp.zeros((), jnp.int32)
     if isinstance(after, DispatchHandle):
@@ -83,12 +83,12 @@ def _order_from(after) -> jax.Array:
     return order
 
 
-def _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
+def dispatch_params(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
                        what: str):
     """Trace-time checks of dispatch and dispatch_send: (primitive params, stats_in)."""
-    config, axis_name, buffer_id = _resolve(buffer, axis_name)
-    num_ranks = _num_ranks(axis_name)
-    _check_mesh(buffer, num_ranks)
+    config, axis_name, buffer_id = resolve(buffer, axis_name)
+    num_ranks = axis_ranks(axis_name)
+    check_mesh(buffer, num_ranks)
     if round_scale and not use_fp8:
         raise ValueError("round_scale=True needs use_fp8=True")
     cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
@@ -100,6 +100,20 @@ def _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale, sta
                   num_ranks=num_ranks, axis_name=axis_name, use_fp8=bool(use_fp8),
                   round_scale=bool(round_scale), buffer_id=int(buffer_id))
     return params, stats_in
+
+
+def combine_params(y, topk_idx, topk_weights, handle, buffer, axis_name) -> dict:
+    """Trace-time checks of combine and combine_send: the primitive params."""
+    config, axis_name, buffer_id = resolve(buffer, axis_name)
+    num_ranks = axis_ranks(axis_name)
+    check_mesh(buffer, num_ranks)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by dispatch, got "
+                        f"{type(handle).__name__}")
+    cfg.check_combine_args(config, num_ranks, y, topk_idx, topk_weights, handle.src_info,
+                           handle.layout_range)
+    return dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
+                num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id))
 
 
 def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = BUFFER_AXIS,
@@ -123,12 +137,12 @@ def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = 
     Differentiable w.r.t. x: the backward pass brings each row's cotangent back to
     its token and sums over the token's experts.
     """
-    params, stats_in = _dispatch_prologue(x, topk_idx, buffer, axis_name, use_fp8, round_scale,
+    params, stats_in = dispatch_params(x, topk_idx, buffer, axis_name, use_fp8, round_scale,
                                           stats, check_ids, "dispatch")
     if dequantize and not use_fp8:
         raise ValueError("dequantize=True needs use_fp8=True")
     bind = dispatch_dequantized if dequantize else dispatch_p.bind
-    outs = bind(x, topk_idx, stats_in, _order_from(after), **params)
+    outs = bind(x, topk_idx, stats_in, order_from(after), **params)
     recv_x, recv_scales, recv_count, src_info, layout_range, stats_out, order = outs
     return DispatchResult(recv_x, recv_scales if use_fp8 else None, recv_count,
                           DispatchHandle(src_info, layout_range, order),
@@ -145,16 +159,7 @@ def combine(y, topk_idx, topk_weights, handle: DispatchHandle, buffer: BufferOrC
     return_order also the order token for a later call to follow.
     Differentiable w.r.t. y and topk_weights.
     """
-    config, axis_name, buffer_id = _resolve(buffer, axis_name)
-    num_ranks = _num_ranks(axis_name)
-    _check_mesh(buffer, num_ranks)
-    if not isinstance(handle, DispatchHandle):
-        raise TypeError(f"handle must be the DispatchHandle returned by dispatch, got "
-                        f"{type(handle).__name__}")
-    cfg.check_combine_args(config, num_ranks, y, topk_idx, topk_weights, handle.src_info,
-                           handle.layout_range)
-    out, order = combine_p.bind(
-        y, topk_idx, topk_weights, handle.src_info, handle.layout_range, handle.order,
-        num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
-        num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id))
+    params = combine_params(y, topk_idx, topk_weights, handle, buffer, axis_name)
+    out, order = combine_p.bind(y, topk_idx, topk_weights, handle.src_info, handle.layout_range,
+                                handle.order, **params)
     return (out, order) if return_order else out

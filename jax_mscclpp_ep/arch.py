@@ -12,7 +12,7 @@ from typing import Optional
 
 import jax
 
-from ._native import _ep
+from .native import ext
 
 
 def arch_error(device: str, capability: str, image_error: str, archs: str) -> Optional[str]:
@@ -28,12 +28,12 @@ def arch_error(device: str, capability: str, image_error: str, archs: str) -> Op
 
 def check_devices(devices) -> None:
     """Raise RuntimeError if one of this process's GPUs in ``devices`` cannot run the kernels."""
-    archs = _ep.cuda_archs().replace(",", ";")
+    archs = ext.cuda_archs().replace(",", ";")
     for d in devices:
         if d.platform != "gpu" or d.process_index != jax.process_index():
             continue
         ordinal = d.local_hardware_id
         msg = arch_error(f"GPU {ordinal} ({getattr(d, 'device_kind', 'unknown')})",
-                         _ep.compute_capability(ordinal), _ep.kernel_image_error(ordinal), archs)
+                         ext.compute_capability(ordinal), ext.kernel_image_error(ordinal), archs)
         if msg:
             raise RuntimeError(msg)

@@ -21,10 +21,14 @@ the GPU kernels serve the backward pass too.
   e4m3 (so its cotangent carries e4m3 rounding); ``dispatch_dequantized``
   returns bf16 values whose derivative is exactly the bf16 dispatch's.
 - topk_idx, stats, handle and order tokens are integers: zero (float0) tangents.
+- Split halves: a send half has zero tangents; a receive half differentiates like
+  the whole call.
 - No second derivatives through ``gather_rows_p`` (w.r.t. y).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +36,13 @@ from jax import lax
 from jax.interpreters import ad
 
 from . import reference
-from .primitives import combine_p, dispatch_p
-from .primitives_bwd import gather_rows_p, scatter_to_rows_p
-
-_EXCHANGE_KEYS = ("num_experts", "max_tokens", "num_ranks", "axis_name", "buffer_id")
+from .declare import EXCHANGE_PARAMS
+from .exchanges import (combine_p, combine_recv_p, combine_send_p, dispatch_p, dispatch_recv_p,
+                        dispatch_send_p, gather_rows_p, scatter_to_rows_p)
 
 
 def _xparams(params: dict) -> dict:
-    return {k: params[k] for k in _EXCHANGE_KEYS}
+    return {k: params[k] for k in EXCHANGE_PARAMS}
 
 
 _typeof = getattr(jax, "typeof", None) or jax.core.get_aval  # jax.typeof since 0.6
@@ -176,8 +179,24 @@ def _scatter_transpose(cts, g, topk_idx, w, src_info, layout_range, order, **par
     return res
 
 
+# ---------------------------------------------------------------- split halves
+# A send half only yields the order token (no tangent); its receive half takes the
+# whole call's operands, so it differentiates like the whole call. The tangents are
+# whole-call exchanges (run after the receive half, on the same Buffer), so a
+# backward pass does not overlap; the forward keeps its split.
+
+def _send_jvp(primals, tangents, *, prim, **params):
+    del tangents
+    outs = prim.bind(*primals, **params)
+    return outs, [_zero_like(o) for o in outs]
+
+
 ad.primitive_jvps[dispatch_p] = _dispatch_jvp
+ad.primitive_jvps[dispatch_recv_p] = functools.partial(_dispatch_jvp, prim=dispatch_recv_p)
 ad.primitive_jvps[combine_p] = _combine_jvp
+ad.primitive_jvps[combine_recv_p] = functools.partial(_combine_jvp, prim=combine_recv_p)
 ad.primitive_transposes[combine_p] = _combine_transpose
 ad.primitive_jvps[scatter_to_rows_p] = _scatter_jvp
 ad.primitive_transposes[scatter_to_rows_p] = _scatter_transpose
+for _p in (dispatch_send_p, combine_send_p):
+    ad.primitive_jvps[_p] = functools.partial(_send_jvp, prim=_p)

@@ -18,27 +18,19 @@ over UCX exactly as separate hosts would.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 
-from . import _native
-from .config import DEFAULT_TIMEOUT_S
+import jax
+
+from . import env, kv, native
+
 _instance_counter = itertools.count()
 
 
-def _ep():
-    if not _native.cuda_enabled():
+def _ext():
+    if not native.cuda_enabled():
         raise RuntimeError("jax_mscclpp_ep was built without CUDA: no channel layer")
-    return _native._ep
-
-
-def env_force_port() -> bool:
-    return os.environ.get("JMEP_FORCE_PORT_CHANNELS", "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def env_timeout_s() -> float:
-    v = os.environ.get("JMEP_TIMEOUT_S", "").strip()
-    return float(v) if v else DEFAULT_TIMEOUT_S
+    return native.ext
 
 
 def default_host_id() -> str:
@@ -61,47 +53,12 @@ def check_host_id(host_id) -> str:
 def resolve_host_id(host_id=None) -> str:
     """The host identity of this process's ranks: the argument, else JMEP_HOST_ID,
     else hostname + boot id."""
-    hid = host_id if host_id is not None else os.environ.get("JMEP_HOST_ID", "").strip()
+    hid = host_id if host_id is not None else env.host_id()
     return check_host_id(str(hid) if hid else default_host_id())
-
-
-def _kv_client():
-    """JAX's distributed KV client, or a clear error if the job has none."""
-    try:
-        from jax._src import distributed
-        client = distributed.global_state.client
-    except Exception:  # pragma: no cover - jax internals moved
-        client = None
-    if client is None:
-        raise RuntimeError(
-            "jax_mscclpp_ep: this is a multi-process job but jax.distributed is not "
-            "initialised; call jax.distributed.initialize(...) before creating communicators")
-    return client
-
-
-def _kv_set(client, key: str, value: bytes) -> None:
-    if hasattr(client, "key_value_set_bytes"):
-        client.key_value_set_bytes(key, value)
-    else:  # older clients: hex in a string
-        client.key_value_set(key, value.hex())
-
-
-def _kv_get(client, key: str, timeout_ms: int) -> bytes:
-    if hasattr(client, "blocking_key_value_get_bytes"):
-        return bytes(client.blocking_key_value_get_bytes(key, timeout_ms))
-    return bytes.fromhex(client.blocking_key_value_get(key, timeout_ms))
-
-
-def _kv_barrier(client, name: str, me: int, n: int, timeout_ms: int) -> None:
-    _kv_set(client, f"{name}/{me}", b"1")
-    for p in range(n):
-        _kv_get(client, f"{name}/{p}", timeout_ms)
 
 
 def _resolve_devices(devices):
     """-> (global rank list of (process_index, cuda ordinal), my local ranks)."""
-    import jax
-
     if devices is not None and all(isinstance(d, int) for d in devices):
         # Plain CUDA ordinals: one process drives them all, no JAX needed.
         ords = list(devices)
@@ -122,12 +79,12 @@ def _resolve_devices(devices):
     return ranks, mine, multi
 
 
-def env_ucx_signals() -> int:
+def ucx_signal_mode() -> int:
     """JMEP_UCX_SIGNALS: "am" (default; active messages applied by the peer's proxy,
     any transport) or "rma" (UCX atomics on the peer's GPU memory: InfiniBand with
     GPUDirect RDMA)."""
     from . import ucx
-    v = os.environ.get("JMEP_UCX_SIGNALS", "am").strip().lower() or "am"
+    v = env.ucx_signals()
     if v not in ucx.SIGNAL_MODES:
         raise ValueError(f"JMEP_UCX_SIGNALS must be 'am' or 'rma', got {v!r}")
     return ucx.SIGNAL_MODES[v]
@@ -141,10 +98,10 @@ def _swap(client, key, mine: dict, n: int, timeout_ms: int) -> dict:
     out = dict(mine)
     if client is not None:
         for r, b in mine.items():
-            _kv_set(client, f"{key}/{r}", b)
+            kv.put(client, f"{key}/{r}", b)
         for r in range(n):
             if r not in out:
-                out[r] = _kv_get(client, f"{key}/{r}", timeout_ms)
+                out[r] = kv.get(client, f"{key}/{r}", timeout_ms)
     for r, b in sorted(out.items()):
         if b.startswith(_ERR) and r not in mine:
             raise RuntimeError(f"jax_mscclpp_ep: rank {r} could not join the EP group: "
@@ -163,23 +120,23 @@ def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, ti
       local rank (a sequence), so that one process can stand in for several hosts.
     Returns the local communicators in rank order.
     """
-    ep = _ep()
+    ext = _ext()
     ranks, mine, multi = _resolve_devices(devices)
     n = len(ranks)
-    force = env_force_port() if force_port is None else bool(force_port)
-    tmo = env_timeout_s() if timeout_s is None else float(timeout_s)
+    force = env.force_port() if force_port is None else bool(force_port)
+    tmo = env.timeout_s() if timeout_s is None else float(timeout_s)
     hids = ([resolve_host_id(h) for h in host_id] if isinstance(host_id, (list, tuple))
             else [resolve_host_id(host_id)] * len(mine))
     if len(hids) != len(mine):
         raise ValueError(f"host_id: {len(hids)} ids for {len(mine)} local ranks")
     ns = namespace or "jmep_channels"
     ns = f"{ns}/{next(_instance_counter)}"  # two instances never share keys
-    client = _kv_client() if multi else None
+    client = kv.client() if multi else None
     kv_ms = int(kv_timeout_s * 1000)
     comms = []
     try:
         for r, hid in zip(mine, hids):
-            comms.append(ep.Communicator(r, n, ranks[r][1], int(buffer_bytes), force,
+            comms.append(ext.Communicator(r, n, ranks[r][1], int(buffer_bytes), force,
                                          int(tmo * 1e9), int(fifo_size), hid))
         if not multi and len(mine) != n:
             raise RuntimeError("jax_mscclpp_ep: ranks live in other processes but the job is single-process")
@@ -192,23 +149,20 @@ def create_communicators(buffer_bytes: int, *, devices=None, force_port=None, ti
             try:
                 from . import ucx
                 ucx.load()
-                mode = env_ucx_signals()
+                mode = ucx_signal_mode()
                 for c in remote:
                     c.enable_ucx(ucx.library_path(), mode)
             except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
                 if client is not None:
                     for r in mine:
-                        _kv_set(client, f"{ns}/info/{r}", _ERR + str(e).encode())
+                        kv.put(client, f"{ns}/info/{r}", _ERR + str(e).encode())
                 raise
         infos = _swap(client, f"{ns}/info", {c.rank: c.local_info() for c in comms}, n, kv_ms)
         blob = [infos[r] for r in range(n)]
         for c in comms:
             c.connect(blob)
         if multi:
-            # Nobody uses a peer before every peer has mapped everything.
-            import jax
-            _kv_barrier(_kv_client(), f"{ns}/connected", jax.process_index(), jax.process_count(),
-                        int(kv_timeout_s * 1000))
+            kv.barrier(f"{ns}/connected", kv_timeout_s)  # nobody uses a peer before all have mapped
     except BaseException:
         for c in comms:
             c.close()
@@ -232,13 +186,11 @@ def close_communicators(comms, *, kv_timeout_s: float = 120.0, namespace=None) -
             c.sync()
         except RuntimeError as e:  # still tear down; report afterwards
             err = err or e
-    import jax
     multi = jax.process_count() > 1
     ns = f"jmep_channels_close/{namespace or next(_instance_counter)}"
     if multi:
         try:
-            _kv_barrier(_kv_client(), ns, jax.process_index(), jax.process_count(),
-                        int(kv_timeout_s * 1000))
+            kv.barrier(ns, kv_timeout_s)
         except Exception as e:  # noqa: BLE001 - a peer is gone: free our side anyway
             err, multi = err or RuntimeError(f"jax_mscclpp_ep: peers did not reach close: {e}"), False
     for c in comms:
@@ -247,8 +199,7 @@ def close_communicators(comms, *, kv_timeout_s: float = 120.0, namespace=None) -
         # Peers' mappings of our buffers are gone too once everyone is here,
         # so the memory is really released on every rank.
         try:
-            _kv_barrier(_kv_client(), ns + "/done", jax.process_index(), jax.process_count(),
-                        int(kv_timeout_s * 1000))
+            kv.barrier(ns + "/done", kv_timeout_s)
         except Exception as e:  # noqa: BLE001
             err = err or RuntimeError(f"jax_mscclpp_ep: peers did not finish close: {e}")
     if err is not None:

@@ -181,7 +181,7 @@ def moe_layer(params, x, buffer, *, top_k: int, score: str = "softmax", normaliz
     rows, w_in, w_out, counts = res.recv_x, params["w_in"], params["w_out"], res.recv_count
     if ffn == "ragged":
         le, rm = rows.shape[0], rows.shape[1]
-        m = api._resolve(buffer, axis_name)[0].max_tokens_per_rank
+        m = api.resolve(buffer, axis_name)[0].max_tokens_per_rank
         y = expert_ffn_ragged(rows, w_in, w_out, counts, packed_capacity(rm // m, m, top_k, le))
     elif ffn == "bucketed":
         y = expert_ffn_bucketed(rows, w_in, w_out, counts)

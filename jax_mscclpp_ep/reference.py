@@ -132,7 +132,7 @@ def _slot_positions(topk_idx, num_experts, valid):
     return e_idx, pos, counts
 
 
-def _row_owner(offset, count, rows):
+def row_owner(offset, count, rows):
     """For each packed row of each local expert: (source rank, row valid)."""
     r = jnp.arange(rows)[None, None, :]
     inside = (r >= offset[:, :, None]) & (r < (offset + count)[:, :, None])   # [LE, R, rows]
@@ -142,7 +142,7 @@ def _row_owner(offset, count, rows):
 
 # ---------------------------------------------------------------- per shard
 
-def _axis_size(axis_name) -> int:
+def axis_size(axis_name) -> int:
     if axis_name is None:
         return 1
     return lax.axis_size(axis_name)
@@ -168,7 +168,7 @@ def _send_blocks(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale):
 def dispatch_shard(x, topk_idx, *, num_experts: int, max_tokens: int, axis_name,
                    use_fp8: bool = False, round_scale: bool = False) -> DispatchOut:
     """This rank's dispatch inside shard_map over ``axis_name`` (None: a single rank)."""
-    num_ranks = _axis_size(axis_name)
+    num_ranks = axis_size(axis_name)
     m = max_tokens
     le = num_experts // num_ranks
     bx, bs, bt, counts = _send_blocks(x, topk_idx, num_experts, m, use_fp8, round_scale)
@@ -200,11 +200,11 @@ def _pack_received(recv, recv_s, recv_src, recv_cnt, num_ranks, m) -> DispatchOu
 def combine_shard(y, topk_idx, topk_weights, src_info, layout_range, *, num_experts: int,
                   max_tokens: int, axis_name):
     """This rank's combine inside shard_map: out[T, H] bf16."""
-    num_ranks = _axis_size(axis_name)
+    num_ranks = axis_size(axis_name)
     le, rows, h = y.shape
     m, e = max_tokens, num_experts
     offset, count = unpack_layout(layout_range)                # [LE, R]
-    src_rank, row_ok = _row_owner(offset, count, rows)
+    src_rank, row_ok = row_owner(offset, count, rows)
     tok = jnp.where(row_ok & (src_info >= 0) & (src_info < m), src_info, m)
     j = jnp.broadcast_to(jnp.arange(le)[:, None], (le, rows))
     # Back buffer [R(dst = source rank), LE, M(token), H].
@@ -260,7 +260,7 @@ def combine_global(y, topk_idx, topk_weights, src_info, layout_range, *, num_exp
     num_ranks, le, rows, h = y.shape
     e, m = num_experts, max_tokens
     offset, count = unpack_layout(layout_range)                   # [R(owner), LE, R(src)]
-    src_rank, row_ok = jax.vmap(lambda o, c: _row_owner(o, c, rows))(offset, count)
+    src_rank, row_ok = jax.vmap(lambda o, c: row_owner(o, c, rows))(offset, count)
     tok = jnp.where(row_ok & (src_info >= 0) & (src_info < m), src_info, m)
     # rowmap[src, owner*LE + j, token] = flat index of y[owner, j, row]
     owner = jnp.broadcast_to(jnp.arange(num_ranks)[:, None, None], src_rank.shape)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .reference import _axis_size, _row_owner, combine_slots, unpack_layout
+from .reference import axis_size, row_owner, combine_slots, unpack_layout
 
 
 def _row_tokens(src_info, layout_range, rows, max_tokens):
     """(source rank [LE, rows], token [LE, rows]; M where the row is not in the handle)."""
     offset, count = unpack_layout(layout_range)
-    src_rank, row_ok = _row_owner(offset, count, rows)
+    src_rank, row_ok = row_owner(offset, count, rows)
     ok = row_ok & (src_info >= 0) & (src_info < max_tokens)
     return src_rank, jnp.where(ok, src_info, max_tokens), ok
 
@@ -34,7 +34,7 @@ def _row_tokens(src_info, layout_range, rows, max_tokens):
 def scatter_to_rows(g, topk_idx, topk_weights, src_info, layout_range, *, num_experts: int,
                     max_tokens: int, axis_name):
     """grad_y [LE, R*M, H] bf16 from g [T, H] (see the module docstring)."""
-    num_ranks = _axis_size(axis_name)
+    num_ranks = axis_size(axis_name)
     e, m = num_experts, max_tokens
     le, rows = src_info.shape
     t, h = g.shape
@@ -58,7 +58,7 @@ def scatter_to_rows(g, topk_idx, topk_weights, src_info, layout_range, *, num_ex
 def gather_rows(y, topk_idx, src_info, layout_range, *, num_experts: int, max_tokens: int,
                 axis_name):
     """[T, K, H] bf16: the row that held (t, topk_idx[t,k]); zeros for masked slots."""
-    num_ranks = _axis_size(axis_name)
+    num_ranks = axis_size(axis_name)
     le, rows, h = y.shape
     e, m = num_experts, max_tokens
     t = topk_idx.shape[0]

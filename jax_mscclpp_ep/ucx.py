@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from . import env
+
 LIB_NAME = "libjmep_ucx.so"
 INSTALL_HINT = ("install UCX for jax_mscclpp_ep: `pip install jax_mscclpp_ep[ucx]` (the "
                 "libucx-cu13 wheel: TCP, shared memory, CUDA transports) or put a system UCX "
@@ -34,7 +36,7 @@ class UcxUnavailableError(RuntimeError):
 
 def library_path() -> str:
     """JMEP_UCX_LIBRARY if set, else the library installed next to this module."""
-    return (os.environ.get("JMEP_UCX_LIBRARY")
+    return (env.ucx_library()
             or os.path.join(os.path.dirname(os.path.abspath(__file__)), LIB_NAME))
 
 

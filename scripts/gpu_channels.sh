@@ -11,7 +11,7 @@ STAGES=${STAGES:-"build test bench"}
 echo "== $(date -u +%T) start; stages: $STAGES"
 if [[ $STAGES == *build* ]]; then
   time python3 -m pip install --no-build-isolation -q . 2>&1 | grep -v "^WARNING: Running pip" | tail -30
-  (cd /tmp && python3 -c "from jax_mscclpp_ep import _native as n; print('cuda', n.cuda_enabled(), 'gpus', n._ep.device_count())")
+  (cd /tmp && python3 -c "from jax_mscclpp_ep import native as n; print('cuda', n.cuda_enabled(), 'gpus', n.ext.device_count())")
 fi
 if [[ $STAGES == *test* ]]; then
   export JMEP_TIMEOUT_S=${JMEP_TIMEOUT_S:-10}  # fail fast if a check leaves a peer waiting

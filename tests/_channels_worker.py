@@ -188,8 +188,8 @@ def process_counts():
 
 
 def check_create_destroy(ctx, force_port):
-    from jax_mscclpp_ep import _native
-    ep = _native._ep
+    from jax_mscclpp_ep import native
+    ep = native.ext
     dl = ctx.args.device_list
     devs = sorted(set(dl)) if not ctx.multi else [dl[ctx.args.rank]]
 

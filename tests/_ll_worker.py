@@ -219,9 +219,9 @@ def buffer(e, m, h):
 
 
 def case_size_hint():
-    from jax_mscclpp_ep import _native
+    from jax_mscclpp_ep import native
     for (m, h, e) in [(128, 7168, 256), (1, 128, 2 * R), (1024, 8192, 1024), (37, 5120, 64)]:
-        assert _native._ep.ll_size_hint(m, h, R, e) == ep.size_hint(m, h, R, e), (m, h, e)
+        assert native.ext.ll_size_hint(m, h, R, e) == ep.size_hint(m, h, R, e), (m, h, e)
 
 
 def case_peer_channels():
@@ -395,7 +395,7 @@ def _bwd_fn(buf):
         rows, order = scatter_to_rows_p.bind(gs.astype(BF16), ids, ws, src, lr, res.handle.order,
                                              **kw)
         offset, count = ep.reference.unpack_layout(lr)
-        s_of, ok = ep.reference._row_owner(offset, count, R * m)         # [LE, R*M]
+        s_of, ok = ep.reference.row_owner(offset, count, R * m)         # [LE, R*M]
         ex = lax.axis_index("ep") * le + jnp.arange(le)[:, None]
         scale = jnp.where(ok, a[ex, s_of, jnp.clip(src, 0, m - 1)], jnp.nan)  # NaN: never read
         ys = (scale[..., None] * v[None, None, :]).astype(BF16)
@@ -570,9 +570,9 @@ def case_dead_peer():
     os._exit(0)  # the coordination service would abort on the dead task
 def _usage():
     """(free GPU bytes of this process's first GPU, threads, open fds)."""
-    from jax_mscclpp_ep import _native
+    from jax_mscclpp_ep import native
     dev = GPUS[[d.process_index for d in GPUS].index(jax.process_index())].local_hardware_id
-    free = _native._ep.mem_get_info(dev)[0] if _PLATFORM == "gpu" else 0
+    free = native.ext.mem_get_info(dev)[0] if _PLATFORM == "gpu" else 0
     threads = int([ln for ln in open("/proc/self/status") if ln.startswith("Threads:")][0].split()[1])
     return free, threads, len(os.listdir("/proc/self/fd"))
 

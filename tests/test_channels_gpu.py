@@ -19,12 +19,12 @@ TIMEOUT_S = int(os.environ.get("JMEP_CHANNELS_TEST_TIMEOUT", "600"))
 
 
 def _skip_reason():
-    from jax_mscclpp_ep import _native
-    if not _native.cuda_enabled() or not hasattr(_native._ep, "Communicator"):
+    from jax_mscclpp_ep import native
+    if not native.cuda_enabled() or not hasattr(native.ext, "Communicator"):
         return "jax_mscclpp_ep was built without the CUDA channel layer"
     if shutil.which("nvidia-smi") is None:
         return "no GPU driver"
-    if _native._ep.device_count() < 2:
+    if native.ext.device_count() < 2:
         return "needs 2 GPUs"
     return None
 
@@ -89,8 +89,8 @@ def test_channels_two_simulated_hosts_one_gpu():
     offsets, 10,000-round put->signal ordering... fewer on a shared GPU, concurrent atomics
     with back-pressure, flush, barriers, 50 create/destroy cycles, silent peer) through
     UCX port channels over TCP loopback."""
-    from jax_mscclpp_ep import _native, ucx
-    if not _native.cuda_enabled() or shutil.which("nvidia-smi") is None:
+    from jax_mscclpp_ep import native, ucx
+    if not native.cuda_enabled() or shutil.which("nvidia-smi") is None:
         pytest.skip("needs the CUDA channel layer and a GPU")
     if not ucx.available():
         pytest.skip("the UCX connection library is not available")

@@ -29,8 +29,8 @@ def _gpus():
         gpus = jax.devices("gpu")
     except RuntimeError:
         return []
-    from jax_mscclpp_ep import _native
-    if not _native.cuda_enabled():
+    from jax_mscclpp_ep import native
+    if not native.cuda_enabled():
         return []
     return sorted(gpus, key=lambda d: d.id)[:2]
 
@@ -304,8 +304,8 @@ def test_deepep_face_matches_plain_api_on_gpu(gpu_mesh, use_fp8, hook):
 
 def test_gpus_can_run_the_compiled_kernels(gpu_mesh):
     """The architecture probe behind Buffer(...): every GPU here loads the kernels."""
-    from jax_mscclpp_ep import _native
+    from jax_mscclpp_ep import native
     for d in gpu_mesh.devices.flat:
-        assert _native._ep.kernel_image_error(d.local_hardware_id) == ""
-        assert _native._ep.compute_capability(d.local_hardware_id) == str(d.compute_capability)
-    print("compiled for", _native._ep.cuda_archs())
+        assert native.ext.kernel_image_error(d.local_hardware_id) == ""
+        assert native.ext.compute_capability(d.local_hardware_id) == str(d.compute_capability)
+    print("compiled for", native.ext.cuda_archs())

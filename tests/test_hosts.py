@@ -44,12 +44,12 @@ def test_buffer_keeps_host_id_on_cpu():
 
 def test_ucx_signal_mode_setting(monkeypatch):
     monkeypatch.delenv("JMEP_UCX_SIGNALS", raising=False)
-    assert channels.env_ucx_signals() == ucx.SIGNALS_AM
+    assert channels.ucx_signal_mode() == ucx.SIGNALS_AM
     monkeypatch.setenv("JMEP_UCX_SIGNALS", "RMA")
-    assert channels.env_ucx_signals() == ucx.SIGNALS_RMA
+    assert channels.ucx_signal_mode() == ucx.SIGNALS_RMA
     monkeypatch.setenv("JMEP_UCX_SIGNALS", "ib")
     with pytest.raises(ValueError, match="JMEP_UCX_SIGNALS must be 'am' or 'rma'"):
-        channels.env_ucx_signals()
+        channels.ucx_signal_mode()
 
 
 def test_ucx_library_path_override(monkeypatch):

@@ -39,14 +39,14 @@ def _gpu_count() -> int:
 def _ll_built() -> bool:
     if not ep.cuda_enabled():
         return False
-    from jax_mscclpp_ep import _native
-    return bool(getattr(_native._ep, "ll_enabled", lambda: False)())
+    from jax_mscclpp_ep import native
+    return bool(getattr(native.ext, "ll_enabled", lambda: False)())
 
 
 def _has_channels() -> bool:
     import importlib.util
-    from jax_mscclpp_ep import _native
-    return (bool(getattr(_native._ep, "ll_has_channels", lambda: False)())
+    from jax_mscclpp_ep import native
+    return (bool(getattr(native.ext, "ll_has_channels", lambda: False)())
             and importlib.util.find_spec("jax_mscclpp_ep.channels") is not None)
 
 
@@ -301,9 +301,9 @@ def test_ll_exit_without_close_is_clean(mode, path):
 def test_ll_size_hint_matches_config():
     if not _ll_built():
         pytest.skip("no CUDA LL build")
-    from jax_mscclpp_ep import _native
+    from jax_mscclpp_ep import native
     for (m, h, r, e) in [(128, 7168, 2, 256), (1, 128, 1, 1), (1024, 8192, 8, 1024), (37, 5120, 4, 64)]:
-        assert _native._ep.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
+        assert native.ext.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
 
 
 @pytest.mark.parametrize("case", ["create_destroy", "exit_without_close"])

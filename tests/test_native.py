@@ -5,12 +5,12 @@ import os
 import pytest
 
 import jax_mscclpp_ep as ep
-from jax_mscclpp_ep import _native
+from jax_mscclpp_ep import native
 
 
 def test_import_and_version():
     assert ep.__version__ == "0.1.0"
-    if _native._ep is None:
+    if native.ext is None:
         pytest.skip("installed without the native module")
     assert ep.native_version() == ep.__version__
 
@@ -18,15 +18,15 @@ def test_import_and_version():
 @pytest.mark.skipif(os.environ.get("JMEP_EXPECT_CUDA") != "1",
                     reason="set JMEP_EXPECT_CUDA=1 where the CUDA part must be compiled in (CI)")
 def test_cuda_part_compiled():
-    assert _native._ep is not None, "the native module did not build"
+    assert native.ext is not None, "the native module did not build"
     assert ep.cuda_enabled(), "the native module was built without its CUDA part"
 
 
 def test_size_hint_matches_native_layout():
-    if not ep.cuda_enabled() or not hasattr(_native._ep, "ll_size_hint"):
+    if not ep.cuda_enabled() or not hasattr(native.ext, "ll_size_hint"):
         pytest.skip("no CUDA build with the LL layout")
     for m, h, r, e in [(128, 7168, 2, 256), (64, 4096, 8, 64), (1, 128, 1, 1), (1024, 8192, 4, 1024)]:
-        assert _native._ep.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
+        assert native.ext.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
 
 
 DEFAULT_ARCHS = "80-real,90-real,100-real,120-real,120-virtual"
@@ -35,7 +35,7 @@ DEFAULT_ARCHS = "80-real,90-real,100-real,120-real,120-virtual"
 @pytest.mark.skipif(os.environ.get("JMEP_EXPECT_CUDA") != "1" or os.environ.get("JMEP_CUDA_ARCHS"),
                     reason="CI builds the default architecture list")
 def test_default_architectures_compiled():
-    assert _native._ep.cuda_archs() == DEFAULT_ARCHS
+    assert native.ext.cuda_archs() == DEFAULT_ARCHS
 
 
 def test_gpu_without_kernel_image_is_named_with_the_fix():
@@ -58,7 +58,7 @@ def test_source_tree_import_says_so():
         pytest.skip("an in-place build put the compiled module into the source tree")
     env = dict(os.environ, JMEP_EXPECT_CUDA="1", PYTHONWARNINGS="default")
     env.pop("PYTHONPATH", None)
-    code = "import jax_mscclpp_ep as e, jax_mscclpp_ep._native as n; print(n.no_cuda_message())"
+    code = "import jax_mscclpp_ep as e, jax_mscclpp_ep.native as n; print(n.no_cuda_message())"
     p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
