@@ -1,0 +1,113 @@
+"""LL latency vs tokens per rank, measured the way the DeepEP anchor is (issue 14).
+
+For each T and each dispatch dtype, one jitted lax.fori_loop of --steps steps (dispatch,
+then combine of fixed expert outputs with this step's handle) runs under the CUDA
+profiler; per kernel the median CUPTI duration over those launches is reported, next to
+the kernels' own %globaltimer mean (first block start to last block end) from the same
+loop. One run measures one build; --label names it ("before", "after"); the report
+(report_latency.py) puts runs and the anchor side by side.
+
+  python benchmarks/bench_latency.py --label after --out OUT/latency_after
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import jax_mscclpp_ep as ep  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ll  # noqa: E402  (inputs and shard_map helpers)
+from kernel_trace import KernelTrace  # noqa: E402
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--steps", type=int, default=120, help="profiled steps per (T, dtype)")
+    ap.add_argument("--label", default="ours")
+    ap.add_argument("--out", default="", help="write OUT.json")
+    return ap.parse_args()
+
+
+def step_loop(mesh, buf, fp8, steps):
+    """f(x, idx, w, y) -> stats: `steps` x (dispatch, combine) with the order token chained."""
+    le = buf.config.num_experts // buf.num_ranks
+
+    def body_fn(x, idx, w, y):
+        def body(i, c):
+            order, stats = c
+            res = ep.dispatch(x, idx, buf, use_fp8=fp8, stats=stats, after=order)
+            _, order = ep.combine(y, idx, w, res.handle, buf, return_order=True)
+            return order, res.stats
+        init = (bench_ll.varying(jnp.zeros((), jnp.int32), idx),
+                bench_ll.varying(jnp.zeros((le,), jnp.int32), idx))
+        return lax.fori_loop(0, steps, body, init_val=init)[1]
+    return bench_ll.smap(mesh, body_fn)
+
+
+def median(xs):
+    return round(statistics.median(xs), 2) if xs else None
+
+
+def main():
+    a = parse()
+    m, h, k, e = map(int, a.shape.split(","))
+    tokens = [int(t) for t in a.tokens.split(",")]
+    gpus = [d for d in jax.devices() if d.platform == "gpu"][:1]
+    if not gpus:
+        raise SystemExit("bench_latency needs a GPU")
+    mesh = Mesh(np.array(gpus), ("ep",))
+    hx, hidx, hw, hy = bench_ll.host_inputs(1, m, h, k, e)
+    (y,) = bench_ll.put(mesh, hy)
+    out = {"label": a.label, "device_kind": gpus[0].device_kind, "jax": jax.__version__,
+           "host": platform.node(), "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1},
+           "steps": a.steps, "metric": "median CUPTI kernel duration (us) over the loop's launches; "
+           "globaltimer: the kernels' own mean", "sweep": []}
+    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
+    loops = {fp8: step_loop(mesh, buf, fp8, a.steps) for fp8 in (True, False)}
+    for t in tokens:
+        x, idx, w = bench_ll.put(mesh, hx[:, :t], hidx[:, :t], hw[:, :t])
+        row = {"T": t}
+        for fp8, tag in ((True, "fp8"), (False, "bf16")):
+            f = loops[fp8]
+            jax.block_until_ready(f(x, idx, w, y))  # compile + warm
+            st = buf._device_state
+            st.timing(reset=True)
+            with KernelTrace() as kt:
+                jax.block_until_ready(f(x, idx, w, y))
+            gt = st.timing(reset=True)
+            d, c = kt.durations_us("ll_dispatch_kernel"), kt.durations_us("ll_combine_kernel")
+            if len(d) < a.steps or len(c) < a.steps:
+                raise RuntimeError(f"T={t} {tag}: the trace holds {len(d)} dispatch and {len(c)} "
+                                   f"combine launches for {a.steps} steps; names: {kt.names()[:20]}")
+            row[f"dispatch_{tag}_us"] = median(d)
+            row[f"combine_after_{tag}_us"] = median(c)
+            row[f"dispatch_{tag}_globaltimer_us"] = round(gt.get("dispatch_kernel", float("nan")), 2)
+            row[f"combine_after_{tag}_globaltimer_us"] = round(gt.get("combine_kernel", float("nan")), 2)
+        buf.check()
+        out["sweep"].append(row)
+        print(json.dumps(row), flush=True)
+    buf.close()
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
