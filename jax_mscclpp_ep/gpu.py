@@ -33,9 +33,19 @@ DISPATCH_SEND_TARGET = "jmep_ll_dispatch_send"
 COMBINE_SEND_TARGET = "jmep_ll_combine_send"
 _PHASES_BOTH, _PHASES_RECV = 3, 2  # kLlPhaseBoth / kLlPhaseRecv in ll_args.cuh
 
+# (name, {"instantiate": capsule, "execute": capsule}) per target: the instantiate
+# stage ties the Buffer's device state to each executable that calls it.
 _TARGETS = dict(_ep.ffi_targets())
-for _name, _capsule in _TARGETS.items():
-    jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+for _name, _bundle in _TARGETS.items():
+    jax.ffi.register_ffi_target(_name, _bundle, platform="CUDA")
+# [(name, "i64" | "bool")]: every LL custom call takes exactly these (ll_attrs.h).
+_LL_ATTRIBUTES = tuple(_ep.ll_attributes())
+
+
+def ll_attrs(**values) -> dict:
+    """The attributes of one LL custom call, typed as the handlers decode them."""
+    return {name: bool(values[name]) if kind == "bool" else np.int64(values[name])
+            for name, kind in _LL_ATTRIBUTES}
 
 
 def _check_target(name: str, buffer_id) -> None:
@@ -78,28 +88,23 @@ def ffi_lowering(target: str, aliases: dict, attrs_of):
     return rule
 
 
-def _common(target, buffer_id, hidden, num_experts, max_tokens):
+def _common(target, buffer_id, hidden):
     _check_target(target, buffer_id)
     _check_hidden(hidden)
-    return dict(buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
-                max_tokens=np.int64(max_tokens))
 
 
 def _dispatch_attrs(avals, *, num_experts, max_tokens, use_fp8, round_scale, buffer_id,
                     phases=_PHASES_BOTH, target=DISPATCH_TARGET, **_):
-    attrs = _common(target, buffer_id, avals[0].shape[1], num_experts, max_tokens)
-    attrs.update(use_fp8=np.int64(bool(use_fp8)), round_scale=np.int64(bool(round_scale)))
-    if target == DISPATCH_TARGET:
-        attrs["phases"] = np.int64(phases)
-    return attrs
+    _common(target, buffer_id, avals[0].shape[1])
+    return ll_attrs(buffer_id=buffer_id, num_experts=num_experts, max_tokens=max_tokens,
+                    use_fp8=use_fp8, round_scale=round_scale, phases=phases)
 
 
 def _combine_attrs(avals, *, num_experts, max_tokens, buffer_id, phases=_PHASES_BOTH,
                    target=COMBINE_TARGET, **_):
-    attrs = _common(target, buffer_id, avals[0].shape[2], num_experts, max_tokens)
-    if target == COMBINE_TARGET:
-        attrs["phases"] = np.int64(phases)
-    return attrs
+    _common(target, buffer_id, avals[0].shape[2])
+    return ll_attrs(buffer_id=buffer_id, num_experts=num_experts, max_tokens=max_tokens,
+                    use_fp8=False, round_scale=False, phases=phases)
 
 
 _P = functools.partial

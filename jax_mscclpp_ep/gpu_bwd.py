@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.interpreters import mlir
 
 from . import reference
-from .gpu import _TARGETS, _check_hidden, _check_target, isolated_call
+from .gpu import _PHASES_BOTH, _TARGETS, _check_hidden, _check_target, isolated_call, ll_attrs
 from .primitives_bwd import gather_rows_p, scatter_to_rows_p
 
 SCATTER_ROWS_TARGET = "jmep_ll_scatter_rows"
@@ -48,8 +47,9 @@ def _call(target, out_shape, order, *args, buffer_id, num_experts, max_tokens):
     avals = (jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
              jax.ShapeDtypeStruct(order.shape, order.dtype))
     return isolated_call(target, avals, (*args, order), {len(args): 1},
-                         buffer_id=np.int64(buffer_id), num_experts=np.int64(num_experts),
-                         max_tokens=np.int64(max_tokens))
+                         **ll_attrs(buffer_id=buffer_id, num_experts=num_experts,
+                                    max_tokens=max_tokens, use_fp8=False, round_scale=False,
+                                    phases=_PHASES_BOTH))
 
 
 def _scatter_kernel(g, topk_idx, topk_weights, src_info, layout_range, order, *, num_experts,
