@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 
+from jax_mscclpp_ep import _ep_testing as kt  # channel test kernels (test-only module)
 from jax_mscclpp_ep import channels
 
 MiB = 1 << 20
@@ -24,13 +25,13 @@ def pingpong_us(comms, rounds, payload):
     for warm in (True, False):
         n = max(rounds // 10, 10) if warm else rounds
         for c in comms:
-            c.scratch()
-            c.test_pingpong(1 - c.rank, n, c.rank == 0, payload=payload, src_off=0,
+            kt.scratch(c)
+            kt.test_pingpong(c, 1 - c.rank, n, c.rank == 0, payload=payload, src_off=0,
                             dst_off=65536)
         for c in comms:
             c.sync()
-        err, ns = comms[0].scratch()
-        comms[1].scratch()
+        err, ns = kt.scratch(comms[0])
+        kt.scratch(comms[1])
         assert err == 0
     return ns / rounds / 1e3
 
@@ -54,10 +55,10 @@ def main():
         bw, copy = [], []
         for n in SIZES:
             iters = max(5, min(200, (256 * MiB) // n))
-            t = comms[0].bench_put(1, n, iters, mem_blocks(n), 512)
+            t = kt.bench_put(comms[0], 1, n, iters, mem_blocks(n), 512)
             bw.append(n / t / 1e9)
             if kind == "memory":
-                copy.append(n / comms[0].bench_peer_copy(1, n, iters) / 1e9)
+                copy.append(n / kt.bench_peer_copy(comms[0], 1, n, iters) / 1e9)
         r["put_GBps"] = bw
         if copy:
             res["peer_copy_GBps"] = copy

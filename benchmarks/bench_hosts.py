@@ -144,6 +144,7 @@ def channel_rows(a):
     time-slicing between processes): ping-pong round trip (signal only; 4 KiB put +
     signal), put bandwidth (puts then flush), and the proxy's cost per trigger (FIFO pop
     to request posted). CUDA-IPC: copy engine; UCX: the two ranks as two hosts."""
+    from jax_mscclpp_ep import _ep_testing as kt  # channel test kernels (test-only module)
     from jax_mscclpp_ep import channels
     out = {}
     sizes = SIZES + ([64 * MiB] if a.big else [])
@@ -155,13 +156,13 @@ def channel_rows(a):
             rounds = 2000
             for warm in (True, False):
                 for c in comms:
-                    c.scratch()
-                    c.test_pingpong(1 - c.rank, 100 if warm else rounds, c.rank == 0,
+                    kt.scratch(c)
+                    kt.test_pingpong(c, 1 - c.rank, 100 if warm else rounds, c.rank == 0,
                                     payload=payload, src_off=0, dst_off=65536)
                 for c in comms:
                     c.sync()
-                err, ns = comms[0].scratch()
-                comms[1].scratch()
+                err, ns = kt.scratch(comms[0])
+                kt.scratch(comms[1])
                 assert err == 0
             row[key] = ns / rounds / 1e3
         c = comms[0]
@@ -169,7 +170,7 @@ def channel_rows(a):
         bw = []
         for n in sizes:
             iters = max(3, min(50, (64 * MiB) // n))
-            bw.append(n / c.bench_put(1, n, iters, 32, 512) / 1e9)
+            bw.append(n / kt.bench_put(c, 1, n, iters, 32, 512) / 1e9)
         st1 = c.proxy_stats()
         ops = (st1[0] - st0[0]) + (st1[2] - st0[2])
         row["put_GBps"] = dict(zip(sizes, bw))

@@ -1,11 +1,13 @@
-// nanobind module: build facts and, when CUDA is compiled in, the host objects
-// (communicators, LL buffers) and the XLA FFI handler capsules.
+// nanobind module: build facts, the kernels' limits and, when CUDA is compiled
+// in (decided once, in CMakeLists.txt), the host objects (communicators, LL
+// buffers) and the XLA FFI handler bundles.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
 #include <string>
 
 #include "bindings.h"
+#include "kernels/ll_limits.h"
 #ifdef JMEP_WITH_CUDA
 #include "kernels/arch_probe.h"
 #endif
@@ -19,6 +21,14 @@ namespace nb = nanobind;
 NB_MODULE(_ep, m) {
   m.doc() = "jax_mscclpp_ep native module";
   m.def("version", []() { return std::string(JMEP_VERSION); });
+  m.def(
+      "ll_limits",
+      []() {
+        nb::dict d;
+        for (const jmep::LlLimit& l : jmep::kLlLimits) d[l.name] = l.value;
+        return d;
+      },
+      "{config.py name: value} of the kernels' limits (ffi/kernels/ll_limits.h).");
 #ifdef JMEP_WITH_CUDA
   m.def("cuda_enabled", []() { return true; });
   m.def("cuda_archs", []() { return std::string(JMEP_CUDA_ARCHS); },

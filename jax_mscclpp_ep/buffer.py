@@ -140,11 +140,13 @@ class Buffer:
         if self._device_state is not None:
             state, self._device_state = self._device_state, None
             state.close(barrier_timeout_s=_barrier_timeout_s)
-            # Executables compiled for this Buffer may sit in CUDA graphs that replay its
-            # kernels without asking the FFI handler (which would refuse): drop them, so a
-            # later call re-traces and fails with BufferClosedError instead of touching
-            # freed memory. (An AOT-compiled object kept by the caller is not covered.)
-            jax.clear_caches()
+            # No jax.clear_caches(): every executable compiled for this Buffer holds its
+            # own reference to the device state the kernels read (the FFI instantiate
+            # stage, ffi/handlers/ll_ref.cc), which close() marked closed. Running such an
+            # executable again fails in the FFI handler ("Buffer N was closed"); a kernel
+            # that XLA replays from a CUDA graph without asking the handler sees the mark
+            # and returns before touching any peer or freed memory (its outputs are then
+            # undefined). Other jitted functions keep their compiled code.
 
     def __enter__(self):
         return self

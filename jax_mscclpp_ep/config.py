@@ -12,18 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Limits shared by the reference and the CUDA kernels.
+# Limits shared by the reference and the CUDA kernels. The kernels' own copy is
+# ffi/kernels/ll_limits.h (_ep.ll_limits(); tests/test_native.py checks they agree).
 MAX_TOPK = 16
 MAX_EXPERTS = 1024
 MAX_TOKENS_PER_RANK = 1024
+MAX_RANKS = 64  # ranks of one EP group the kernels support
 FP8_BLOCK = 128  # channels per fp8 scale
 # The CUDA kernels need H % 128 == 0 and H <= 8192 (checked in the GPU lowering).
 GPU_MAX_HIDDEN = 8192
+GPU_HIDDEN_MULTIPLE = 128
 # Device-side waits give up after this long (JMEP_TIMEOUT_S / Buffer(timeout_s=)).
 # Generous, like DeepEP's: in a multi-process job one rank may enter its first call
 # while a peer is still compiling, and that must not count as a dead peer.
 DEFAULT_TIMEOUT_S = 100.0
-GPU_HIDDEN_MULTIPLE = 128
 
 _ALIGN = 128
 

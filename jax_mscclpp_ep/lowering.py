@@ -18,10 +18,14 @@ from . import native
 
 PHASES_BOTH, PHASES_RECV = 3, 2  # kLlPhaseBoth / kLlPhaseRecv in ll_args.cuh
 
-# The targets this build registered with XLA (none without the CUDA build).
+# The targets this build registers with XLA (none without the CUDA build): each an
+# instantiate + execute bundle, the instantiate stage tying the Buffer's device state
+# to the executable (ffi/handlers/ll_ref.cc).
 TARGETS = dict(native.ext.ffi_targets()) if native.cuda_enabled() else {}
-for _name, _handler in TARGETS.items():
-    jax.ffi.register_ffi_target(_name, _handler, platform="CUDA")
+for _name, _bundle in TARGETS.items():
+    jax.ffi.register_ffi_target(_name, _bundle, platform="CUDA")
+# [(name, "i64" | "bool")]: what every handler decodes (ffi/handlers/ll_attrs.h).
+ATTRIBUTES = tuple(native.ext.ll_attributes()) if native.cuda_enabled() else ()
 
 
 def check_target(target: str, buffer_id) -> None:
@@ -43,7 +47,7 @@ def attributes(params: dict, phases: int) -> dict:
     """The handlers' attributes from a primitive's params."""
     values = dict(params, phases=phases)
     out = {}
-    for name, kind in native.ext.ll_attributes():
+    for name, kind in ATTRIBUTES:
         v = values.get(name, 0)
         out[name] = bool(v) if kind == "bool" else np.int64(v)
     return out

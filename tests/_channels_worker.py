@@ -17,6 +17,18 @@ import traceback
 
 import numpy as np
 
+
+class _TestKernels:
+    """jax_mscclpp_ep._ep_testing (the channel test kernels, a test-only module), imported
+    on first use like the package itself here: after the worker has set up its environment."""
+
+    def __getattr__(self, name):
+        from jax_mscclpp_ep import _ep_testing
+        return getattr(_ep_testing, name)
+
+
+kt = _TestKernels()
+
 MiB = 1 << 20
 BUF = 160 * MiB
 SRC_BASE, DST_BASE = 0, 80 * MiB  # put source / destination regions
@@ -61,11 +73,11 @@ def sync_all(comms):
 
 def barrier(comms, iters=1):
     for c in comms:
-        c.scratch()
-        c.test_barrier(iters)
+        kt.scratch(c)
+        kt.test_barrier(c, iters)
     sync_all(comms)
     for c in comms:
-        err, ns = c.scratch()
+        err, ns = kt.scratch(c)
         assert err == 0, f"barrier failures on rank {c.rank}: {err}"
 
 
@@ -93,11 +105,11 @@ def check_puts(ctx, comms, seed):
                 c.write(dst + n, b"\x55")
             barrier(comms)
             for c in comms:
-                c.test_put(peer(c), dst, src, n, signal=True)
-                c.test_wait(peer(c))
+                kt.test_put(c, peer(c), dst, src, n, signal=True)
+                kt.test_wait(c, peer(c))
             sync_all(comms)
             for c in comms:
-                err, _ = c.scratch()
+                err, _ = kt.scratch(c)
                 assert err == 0, "wait failed"
                 got = c.read(dst, n)
                 want = data(seed, peer(c), case, n)
@@ -114,12 +126,12 @@ def check_puts(ctx, comms, seed):
 def check_ordering(ctx, comms, rounds=10000):
     for payload in (8, 4096):
         for c in comms:
-            c.scratch()
-            c.test_pingpong(peer(c), rounds, c.rank == 0, payload=payload,
+            kt.scratch(c)
+            kt.test_pingpong(c, peer(c), rounds, c.rank == 0, payload=payload,
                             src_off=SRC_BASE, dst_off=DST_BASE, check=True)
         sync_all(comms)
         for c in comms:
-            err, ns = c.scratch()
+            err, ns = kt.scratch(c)
             assert err == 0, f"rank {c.rank}: {err} rounds saw stale data (payload {payload})"
         barrier(comms)
 
@@ -145,14 +157,14 @@ def check_atomics(ctx, comms, seed):
             c.write(off, np.int64(v).tobytes())
         barrier(comms)
         for c in comms:
-            c.test_atomic(peer(c), off, blocks, threads, per_thread)
-            c.test_flush(peer(c))
-            c.test_signal(peer(c))
-            c.test_wait(peer(c))
+            kt.test_atomic(c, peer(c), off, blocks, threads, per_thread)
+            kt.test_flush(c, peer(c))
+            kt.test_signal(c, peer(c))
+            kt.test_wait(c, peer(c))
         sync_all(comms)
         want_delta = expected_sum(blocks, threads, per_thread)
         for c in comms:
-            err, _ = c.scratch()
+            err, _ = kt.scratch(c)
             assert err == 0, "flush/wait failed"
             got = int(np.frombuffer(c.read(off, 8), np.int64)[0])
             assert got == init[c.rank] + want_delta, \
@@ -166,11 +178,11 @@ def check_flush(ctx, comms, seed):
         c.write(src, data(seed, c.rank, 777, n))
     barrier(comms)
     for c in comms:
-        c.test_put(peer(c), dst, src, n, signal=False)
-        c.test_flush(peer(c))
+        kt.test_put(c, peer(c), dst, src, n, signal=False)
+        kt.test_flush(c, peer(c))
     sync_all(comms)  # flush returned: the data must have landed
     for c in comms:
-        err, _ = c.scratch()
+        err, _ = kt.scratch(c)
         assert err == 0, "flush failed"
     barrier(comms)  # orders the peer's read after my flush
     for c in comms:
@@ -214,7 +226,7 @@ def check_timeout(ctx, force_port):
     try:
         t0 = time.perf_counter()
         for c in comms:
-            c.test_wait(peer(c))  # nobody signals
+            kt.test_wait(c, peer(c))  # nobody signals
         msgs = []
         for c in comms:
             try:

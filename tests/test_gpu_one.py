@@ -172,24 +172,58 @@ def test_unsupported_hidden_rejected_at_buffer_creation(gpu_mesh):
             ep.Buffer(ep.EPConfig(8, 16, h), mesh=gpu_mesh, axis_name="ep")
 
 
+def _dispatch_fn(mesh, buf):
+    return jax.jit(jax.shard_map(lambda a, b: ep.dispatch(a[0], b[0], buf).recv_count[None],
+                                 mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+
 def test_closed_buffer_fails_clearly_inside_compiled_function(gpu_mesh):
     """A jitted function compiled for a Buffer keeps no dangling state after close():
-    running it again raises (BufferClosedError on re-trace, or the FFI handler's
-    "no LL state ... closed?"), instead of touching freed memory."""
+    its executable holds the Buffer's device state (the FFI instantiate stage), so running
+    it again reaches the FFI handler, which says the Buffer was closed. (Replayed from a
+    CUDA graph without the handler, the kernels see the closed mark and return at once.)"""
     r = gpu_mesh.size
     rng, _ = u.fresh_rng()
     x, idx, _ = u.make_inputs(rng, r, 16, 256, 2, 8)
     buf = ep.Buffer(ep.EPConfig(8, 16, 256), mesh=gpu_mesh, axis_name="ep")
-    f = jax.jit(jax.shard_map(lambda a, b: ep.dispatch(a[0], b[0], buf).recv_count[None],
-                              mesh=gpu_mesh, in_specs=P("ep"), out_specs=P("ep")))
+    f = _dispatch_fn(gpu_mesh, buf)
     put = lambda a: jax.device_put(a, NamedSharding(gpu_mesh, P("ep")))
     args = (put(x), put(idx))
     jax.block_until_ready(f(*args))
     buf.close()
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(Exception, match=rf"Buffer {buf.id} was closed"):
         jax.block_until_ready(f(*args))
     with pytest.raises(ep.BufferClosedError):
         buf.check()
+
+
+def test_close_keeps_other_compiled_functions(gpu_mesh):
+    """Buffer.close() drops no compiled code: a function compiled before it (on another
+    Buffer) runs afterwards without recompiling, and so does plain jitted code."""
+    r = gpu_mesh.size
+    rng, _ = u.fresh_rng()
+    x, idx, _ = u.make_inputs(rng, r, 16, 256, 2, 8)
+    put = lambda a: jax.device_put(a, NamedSharding(gpu_mesh, P("ep")))
+    args = (put(x), put(idx))
+    keep = ep.Buffer(ep.EPConfig(8, 16, 256), mesh=gpu_mesh, axis_name="ep")
+    gone = ep.Buffer(ep.EPConfig(8, 16, 256), mesh=gpu_mesh, axis_name="ep")
+    f, g = _dispatch_fn(gpu_mesh, keep), _dispatch_fn(gpu_mesh, gone)
+    plain = jax.jit(lambda a: a * 2)
+    want = np.asarray(f(*args))
+    jax.block_until_ready((g(*args), plain(args[0])))
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event) if "compil" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        gone.close()
+        np.testing.assert_array_equal(np.asarray(f(*args)), want)
+        jax.block_until_ready(plain(args[0]))
+    finally:
+        getattr(jax.monitoring, "unregister_event_duration_listener",
+                getattr(jax.monitoring, "unregister_event_duration_secs_listener", None))(listener)
+        keep.close()
+    assert f._cache_size() == 1 and plain._cache_size() == 1
+    assert not compiles, f"recompiled after Buffer.close(): {compiles}"
 
 
 def _ll_calls_in_graphs(hlo_path) -> tuple[int, int]:

@@ -65,3 +65,70 @@ def test_source_tree_import_says_so():
     want = f"you are importing the source tree at {os.path.join(root, 'jax_mscclpp_ep')}"
     assert want in p.stderr and "pip install ." in p.stderr, p.stderr
     assert want in p.stdout  # also the reason a GPU Buffer gives
+
+
+def test_kernel_limits_match_config():
+    """ffi/kernels/ll_limits.h and config.py state the same limits (any build)."""
+    if native.ext is None:
+        pytest.skip("installed without the native module")
+    from jax_mscclpp_ep import config
+    limits = native.ext.ll_limits()
+    assert limits == {name: getattr(config, name) for name in limits}
+    assert {"MAX_TOPK", "MAX_EXPERTS", "MAX_TOKENS_PER_RANK", "GPU_MAX_HIDDEN"} <= set(limits)
+
+
+def _cuda_ep():
+    if not ep.cuda_enabled():
+        pytest.skip("no CUDA build")
+    return native.ext
+
+
+def test_ll_attribute_contract():
+    """Every LL handler takes these attributes, in this order (ffi/handlers/ll_attrs.h);
+    the lowering builds its attribute dict from this list."""
+    assert _cuda_ep().ll_attributes() == [
+        ("buffer_id", "i64"), ("num_experts", "i64"), ("max_tokens", "i64"),
+        ("use_fp8", "bool"), ("round_scale", "bool"), ("phases", "i64")]
+
+
+def test_ffi_targets_are_instantiate_execute_bundles():
+    targets = _cuda_ep().ffi_targets()
+    assert [name for name, _ in targets] == [
+        "jmep_ll_dispatch", "jmep_ll_combine", "jmep_ll_dispatch_send", "jmep_ll_combine_send",
+        "jmep_ll_scatter_rows", "jmep_ll_gather_rows"]
+    for _, bundle in targets:
+        assert sorted(bundle) == ["execute", "instantiate"]
+
+
+def test_instantiate_stage_refuses_an_unknown_buffer_at_compile_time():
+    """The real handler bundle, registered on the CPU platform under another name: XLA
+    runs the instantiate stage when it compiles the call (decoding every attribute,
+    the booleans as bool) and it names the Buffer id it has no state for. Nothing runs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    name, bundle = _cuda_ep().ffi_targets()[3]  # combine_send: no output shape rules
+    jax.ffi.register_ffi_target("test_native_" + name, bundle, platform="cpu")
+    attrs = dict(buffer_id=np.int64(987654), num_experts=np.int64(8), max_tokens=np.int64(16),
+                 use_fp8=False, round_scale=True, phases=np.int64(3))
+    call = jax.ffi.ffi_call("test_native_" + name, jax.ShapeDtypeStruct((1,), jnp.int32))
+    f = jax.jit(lambda y, i: call(y, i, i, i, **attrs))
+    with pytest.raises(Exception, match="no LL state for Buffer id 987654"):
+        f(jnp.zeros((2, 2), jnp.bfloat16), jnp.zeros((1,), jnp.int32))
+
+
+def test_channel_test_kernels_live_in_the_test_only_module():
+    """Communicator has no test/bench launches; _ep_testing has them, takes _ep's
+    Communicator, and the package never imports it."""
+    import subprocess
+    import sys
+    e = _cuda_ep()
+    assert not [a for a in dir(e.Communicator) if a.startswith(("test_", "bench_", "scratch"))]
+    from jax_mscclpp_ep import _ep_testing
+    assert "comm: jax_mscclpp_ep._ep.Communicator" in _ep_testing.test_put.__doc__
+    code = ("import sys, jax_mscclpp_ep, jax_mscclpp_ep.buffer, jax_mscclpp_ep.gpu; "
+            "print('jax_mscclpp_ep._ep_testing' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"

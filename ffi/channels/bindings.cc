@@ -1,7 +1,8 @@
 // nanobind surface of the channel layer: the Communicator class (held by
-// std::shared_ptr so LL buffers can keep it alive), its bootstrap steps, and
-// the test/benchmark launches. Registered before bind_ll, which casts Python
-// Communicator objects to std::shared_ptr<jmep::Communicator>.
+// std::shared_ptr so LL buffers can keep it alive) and its bootstrap steps.
+// Registered before bind_ll, which casts Python Communicator objects to
+// std::shared_ptr<jmep::Communicator>. The channel test and benchmark kernels
+// live in the test-only module _ep_testing (ffi/testing/).
 #include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/shared_ptr.h>
@@ -14,7 +15,6 @@
 #include <vector>
 
 #include "bindings.h"
-#include "channels/channel_tests.h"
 #include "channels/communicator.h"
 
 namespace nb = nanobind;
@@ -55,16 +55,14 @@ nb::bytes read_bytes(Communicator& c, uint64_t off, uint64_t n) {
   return nb::bytes(out.data(), out.size());
 }
 
-std::vector<uint64_t> read_scratch(Communicator& c, bool reset) {
-  std::vector<uint64_t> v(2);
+// Waits for the launches on the communicator's own stream (tests, close).
+void sync_stream(Communicator& c) {
   int saved = 0;
   cudaGetDevice(&saved);
   cudaSetDevice(c.device());
-  cudaError_t e = cudaMemcpy(v.data(), c.scratch(), 16, cudaMemcpyDeviceToHost);
-  if (e == cudaSuccess && reset) e = cudaMemset(c.scratch(), 0, 16);
+  cudaError_t e = cudaStreamSynchronize(c.stream());
   cudaSetDevice(saved);
-  ck(e, "scratch");
-  return v;
+  ck(e, "stream sync");
 }
 
 }  // namespace
@@ -146,40 +144,13 @@ void bind_channels(nb::module_& m) {
                    })
       .def("write", &write_bytes, nb::arg("offset"), nb::arg("data"))
       .def("read", &read_bytes, nb::arg("offset"), nb::arg("nbytes"))
-      .def("scratch", &read_scratch, nb::arg("reset") = true,
-           "[errors, elapsed_ns] of the last test launch(es); resets them by default")
       .def("sync", [](Communicator& c) {
         {
           nb::gil_scoped_release r;
-          comm_sync(c);
+          sync_stream(c);
         }
         c.check_error();
-      })
-      .def("test_put", &test_put, nb::arg("peer"), nb::arg("dst_off"), nb::arg("src_off"),
-           nb::arg("nbytes"), nb::arg("signal") = true, nb::arg("blocks") = 32,
-           nb::arg("threads") = 512, nb::arg("iters") = 1)
-      .def("test_signal", &test_signal, nb::arg("peer"))
-      .def("test_wait", &test_wait, nb::arg("peer"))
-      .def("test_flush", &test_flush, nb::arg("peer"))
-      .def("test_pingpong", &test_pingpong, nb::arg("peer"), nb::arg("rounds"),
-           nb::arg("initiator"), nb::arg("payload") = 0, nb::arg("src_off") = 0,
-           nb::arg("dst_off") = 65536, nb::arg("check") = false, nb::arg("threads") = 128)
-      .def("test_atomic", &test_atomic, nb::arg("peer"), nb::arg("dst_off"), nb::arg("blocks"),
-           nb::arg("threads"), nb::arg("per_thread"))
-      .def("test_barrier", &test_barrier, nb::arg("iters") = 1)
-      .def("bench_put",
-           [](Communicator& c, int peer, uint64_t n, int iters, int blocks, int threads) {
-             nb::gil_scoped_release r;
-             return bench_put(c, peer, n, iters, blocks, threads);
-           },
-           nb::arg("peer"), nb::arg("nbytes"), nb::arg("iters") = 20, nb::arg("blocks") = 32,
-           nb::arg("threads") = 512)
-      .def("bench_peer_copy",
-           [](Communicator& c, int peer, uint64_t n, int iters) {
-             nb::gil_scoped_release r;
-             return bench_peer_copy(c, peer, n, iters);
-           },
-           nb::arg("peer"), nb::arg("nbytes"), nb::arg("iters") = 20);
+      });
 }
 
 }  // namespace jmep

@@ -9,6 +9,7 @@
 
 #include "channels/channel_handles_host.h"
 #include "channels/connection.h"
+#include "channels/error_text.h"
 #include "channels/ipc_connection.h"
 #include "channels/proxy.h"
 #include "channels/proxy_stream.h"
@@ -62,20 +63,6 @@ std::string default_host_id() {
 
 size_t sem_offset(size_t buffer_bytes) { return (buffer_bytes + 255) / 256 * 256; }
 
-const char* phase_name(int32_t p) {
-  switch (p) {
-    case kPhaseTest: return "test";
-    case kPhaseBarrier: return "barrier";
-    case kPhaseDispatchSend: return "dispatch-send";
-    case kPhaseDispatchRecv: return "dispatch-recv";
-    case kPhaseCombineSend: return "combine-send";
-    case kPhaseCombineRecv: return "combine-recv";
-    case kPhaseProxyFlush: return "proxy-fifo/flush";
-    case kPhaseProxy: return "port-channel proxy";
-    default: return "none";
-  }
-}
-
 }  // namespace
 
 Communicator::Communicator(int rank, int nranks, int device, size_t buffer_bytes, bool force_port,
@@ -94,11 +81,13 @@ Communicator::Communicator(int rank, int nranks, int device, size_t buffer_bytes
     alloc_bytes_ = total;
     ck(cudaMalloc(reinterpret_cast<void**>(&buffer_), total), "cudaMalloc(registered buffer)");
     ck(cudaMemset(buffer_, 0, total), "cudaMemset(registered buffer)");
-    // state: mem expected[n], port expected[n], fifo head, tail cache, poll lock, scratch[64]
-    const size_t words = 2 * nranks + 3 + 64;
+    // state: mem expected[n], port expected[n], fifo head, tail cache, poll lock,
+    // warm-up words[kWarmupWords], test scratch[kScratchWords]
+    const size_t words = 2 * nranks + 3 + kWarmupWords + kScratchWords;
     ck(cudaMalloc(reinterpret_cast<void**>(&state_), words * 8), "cudaMalloc(state)");
     ck(cudaMemset(state_, 0, words * 8), "cudaMemset(state)");
-    scratch_ = state_ + 2 * nranks + 3;
+    warmup_ = state_ + 2 * nranks + 3;
+    scratch_ = warmup_ + kWarmupWords;
     ck(cudaHostAlloc(reinterpret_cast<void**>(&err_host_), sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
        "cudaHostAlloc(error record)");
     std::memset(err_host_, 0, sizeof(ErrorRecord));
@@ -286,7 +275,7 @@ void Communicator::close() {
   if (stream_) cudaStreamDestroy(stream_);
   handles_dev_ = nullptr;
   buffer_ = nullptr;
-  state_ = scratch_ = nullptr;
+  state_ = warmup_ = scratch_ = nullptr;
   err_host_ = err_dev_ = nullptr;
   fifo_host_ = nullptr;
   stream_ = nullptr;
@@ -310,16 +299,9 @@ void Communicator::check_error() {
   const int32_t code = r->code;
   if (code == kErrOk && proxy_err.empty()) return;
   std::string msg;
-  if (code != kErrOk) {
-    const char* what = code == kErrTimeout       ? "timed out waiting for a signal from"
-                       : code == kErrFifoTimeout ? "timed out on the port-channel FIFO/flush towards"
-                       : code == kErrPeerLost    ? "lost its connection to"
-                                                 : "error with";
-    msg = "jax_mscclpp_ep channel error: rank " + std::to_string(r->rank) + " " + what +
-          " peer " + std::to_string(r->peer) + " in phase " + phase_name(r->phase) +
-          " (code " + std::to_string(code) + ", detail " + std::to_string(r->detail) +
-          ", timeout " + std::to_string(timeout_ns_ / 1000000) + " ms)";
-  }
+  if (code != kErrOk)
+    msg = "jax_mscclpp_ep channel error: " + describe_error(snapshot_error(err_host_)) +
+          " (timeout " + std::to_string(timeout_ns_ / 1000000) + " ms)";
   if (!proxy_err.empty()) msg += (msg.empty() ? "" : "; ") + proxy_err;
   r->detail = 0;
   r->rank = r->peer = r->phase = 0;

@@ -67,7 +67,11 @@ class Communicator {
   ErrorRecord* error_record_device() const { return err_dev_; }
   int64_t timeout_ns() const { return timeout_ns_; }
   cudaStream_t stream() const { return stream_; }  // for test/bench launches
-  uint64_t* scratch() const { return scratch_; }    // 64 device words for tests
+  // Device words that production code may write (the LL registration's proxy
+  // kernel warm-up), apart from the test kernels' scratch (_ep_testing).
+  static constexpr int kWarmupWords = 3, kScratchWords = 64;
+  uint64_t* warmup_words() const { return warmup_; }
+  uint64_t* scratch() const { return scratch_; }
   char* peer_buffer(int peer) const { return peer_bufs_.at(peer); }
   int peer_device(int peer) const { return peer_devs_.at(peer); }
 
@@ -91,6 +95,7 @@ class Communicator {
 
   char* buffer_ = nullptr;           // registered allocation (+ semaphore area)
   uint64_t* state_ = nullptr;        // device counters (expected, fifo head, tail cache, scratch)
+  uint64_t* warmup_ = nullptr;
   uint64_t* scratch_ = nullptr;
   ErrorRecord* err_host_ = nullptr;  // host-mapped
   ErrorRecord* err_dev_ = nullptr;

@@ -1,5 +1,12 @@
 // One registry entry: what it keeps alive (communicator, or the buffers of the
 // direct peer-access fallback) and the device-resident LL state the kernels use.
+//
+// Lifetime: the registry holds one reference from Buffer creation to close;
+// every compiled executable that calls the Buffer holds another (ll_ref.cu,
+// the FFI instantiate stage), so the device state outlives the executables
+// that may replay kernels reading it. At close the entry is marked closed on
+// the device (kernels then return at once, see ll_args.cuh) and lets go of the
+// communicator / peer buffers; only dev_mem waits for the last executable.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -24,6 +31,11 @@ struct LlEntry {
   // (halves, counters) is undefined, so every later call fails with it.
   std::mutex failure_mu;
   std::string failure;
+
+  LlEntry() = default;
+  LlEntry(const LlEntry&) = delete;
+  LlEntry& operator=(const LlEntry&) = delete;
+  ~LlEntry();  // frees dev_mem on its device (ll_registry.cu)
 };
 
 // The entry's failure message, recording it first if the device has reported
@@ -31,7 +43,7 @@ struct LlEntry {
 std::string ll_failure(LlEntry& e);
 
 // Registered entry for (buffer id, device), or null. Thread-safe.
-LlEntry* ll_find(int64_t buffer_id, int device);
+std::shared_ptr<LlEntry> ll_find(int64_t buffer_id, int device);
 
 // Allocates and zeroes the device state of `e` (on e.device, which must be
 // current), zeroes both halves' signal words of `buffer`, and fills e.st.
@@ -42,7 +54,7 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
                       ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
                       const LlPeer* peers_host);
 // Adds (or replaces) the entry for (buffer id, e->device).
-void ll_insert(int64_t buffer_id, std::unique_ptr<LlEntry> e);
+void ll_insert(int64_t buffer_id, std::shared_ptr<LlEntry> e);
 // Throws std::invalid_argument unless the kernels support these sizes.
 void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int nranks);
 // cudaError_t -> std::runtime_error.

@@ -75,7 +75,7 @@ void ll_register_p2p(int64_t buffer_id, const std::vector<int>& devices, int64_t
       std::vector<LlPeer> peers(R);
       for (int j = 0; j < R; ++j)
         peers[j] = LlPeer{group->buffers[j], j == i ? kLlSelf : kLlMemory, 0};
-      auto e = std::make_unique<LlEntry>();
+      auto e = std::make_shared<LlEntry>();
       e->owned = group;
       e->device = devices[i];
       e->host_error = group->errors[i];

@@ -6,18 +6,18 @@
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
+#include "channels/communicator.h"
+#include "channels/error_text.h"
+#include "channels/proxy_stream.h"
 #include "handlers/ll_entry.cuh"
 #include "handlers/ll_registry.h"
 #include "kernels/ll_layout.cuh"
-
-#if JMEP_LL_HAVE_CHANNELS
-#include "channels/communicator.h"
-#include "channels/proxy_stream.h"
-#endif
+#include "kernels/ll_limits.h"
 
 namespace jmep {
 
@@ -25,13 +25,11 @@ int64_t ll_size_hint(int64_t m, int64_t h, int64_t r, int64_t e) {
   return LlLayout::make(m, h, r, e).total_bytes();
 }
 
-bool ll_enabled() { return true; }
-bool ll_has_channels() { return JMEP_LL_HAVE_CHANNELS != 0; }
-
 namespace {
 
 std::mutex g_mu;
-std::map<std::pair<int64_t, int>, std::unique_ptr<LlEntry>> g_entries;
+std::map<std::pair<int64_t, int>, std::shared_ptr<LlEntry>> g_entries;
+std::set<int64_t> g_closed;  // ids of closed Buffers: their calls say so (ll_was_closed)
 
 // Restores the caller's current device (registration may target another GPU).
 struct DeviceGuard {
@@ -43,15 +41,36 @@ struct DeviceGuard {
   ~DeviceGuard() { cudaSetDevice(saved); }
 };
 
-void free_entry(LlEntry& e) {
-  if (e.dev_mem == nullptr) return;
-  DeviceGuard g(e.device);
-  cudaDeviceSynchronize();  // no kernel of ours may still use the state
-  cudaFree(e.dev_mem);
-  e.dev_mem = nullptr;
+// Close: wait for our kernels, mark the device state closed (a kernel that an
+// executable replays later returns at once: ll_args.cuh), and let go of the
+// communicator / peer buffers, which no kernel of this entry touches any more.
+void close_entry(LlEntry& e) {
+  {
+    DeviceGuard g(e.device);
+    cudaDeviceSynchronize();
+    const int32_t closed = 1;
+    if (e.st.state != nullptr)
+      cudaMemcpy(&e.st.state->closed, &closed, sizeof(closed), cudaMemcpyHostToDevice);
+    cudaGetLastError();
+  }
+  std::lock_guard<std::mutex> lock(e.failure_mu);
+  e.host_error = nullptr;
+  e.comm.reset();
+  e.owned.reset();
 }
 
 }  // namespace
+
+LlEntry::~LlEntry() {
+  if (dev_mem == nullptr) return;
+  int saved = -1;
+  if (cudaGetDevice(&saved) != cudaSuccess) return;  // CUDA already torn down (exit)
+  cudaSetDevice(device);
+  cudaDeviceSynchronize();  // no kernel of ours may still use the state
+  cudaFree(dev_mem);
+  cudaGetLastError();
+  cudaSetDevice(saved);
+}
 
 void ll_cuda_check(int err, const char* what) {
   if (err != cudaSuccess)
@@ -60,15 +79,19 @@ void ll_cuda_check(int err, const char* what) {
 }
 
 void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int nranks) {
-  if (hidden <= 0 || hidden % 128 || hidden > 8192)
-    throw std::invalid_argument("LL kernels need hidden to be a multiple of 128 and <= 8192, got " +
-                                std::to_string(hidden));
+  const std::string H = std::to_string(kLlHiddenMultiple), MH = std::to_string(kLlMaxHidden);
+  if (hidden <= 0 || hidden % kLlHiddenMultiple || hidden > kLlMaxHidden)
+    throw std::invalid_argument("LL kernels need hidden to be a multiple of " + H + " and <= " +
+                                MH + ", got " + std::to_string(hidden));
   if (nranks <= 0 || nranks > kLlMaxRanks)
-    throw std::invalid_argument("LL kernels support 1 to 64 ranks");
-  if (num_experts <= 0 || num_experts > 1024 || num_experts % nranks)
-    throw std::invalid_argument("LL kernels need 0 < num_experts <= 1024, divisible by the ranks");
-  if (max_tokens <= 0 || max_tokens > 1024)
-    throw std::invalid_argument("LL kernels need 0 < max_tokens <= 1024");
+    throw std::invalid_argument("LL kernels support 1 to " + std::to_string(kLlMaxRanks) +
+                                " ranks");
+  if (num_experts <= 0 || num_experts > kLlMaxExperts || num_experts % nranks)
+    throw std::invalid_argument("LL kernels need 0 < num_experts <= " +
+                                std::to_string(kLlMaxExperts) + ", divisible by the ranks");
+  if (max_tokens <= 0 || max_tokens > kLlMaxTokens)
+    throw std::invalid_argument("LL kernels need 0 < max_tokens <= " +
+                                std::to_string(kLlMaxTokens));
 }
 
 LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
@@ -113,27 +136,41 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
   return peers;
 }
 
-void ll_insert(int64_t buffer_id, std::unique_ptr<LlEntry> e) {
+void ll_insert(int64_t buffer_id, std::shared_ptr<LlEntry> e) {
   std::lock_guard<std::mutex> lock(g_mu);
-  auto& slot = g_entries[{buffer_id, e->device}];
-  if (slot) free_entry(*slot);
-  slot = std::move(e);
+  g_entries[{buffer_id, e->device}] = std::move(e);  // a replaced entry frees itself
 }
 
-LlEntry* ll_find(int64_t buffer_id, int device) {
+std::shared_ptr<LlEntry> ll_find(int64_t buffer_id, int device) {
   std::lock_guard<std::mutex> lock(g_mu);
   auto it = g_entries.find({buffer_id, device});
-  if (it != g_entries.end()) return it->second.get();
+  if (it != g_entries.end()) return it->second;
   // One GPU per process: XLA's ordinal may differ from the CUDA ordinal the
   // communicator uses; a buffer with a single local entry is unambiguous.
-  LlEntry* only = nullptr;
+  std::shared_ptr<LlEntry> only;
   int n = 0;
   for (auto& kv : g_entries)
-    if (kv.first.first == buffer_id) only = kv.second.get(), ++n;
+    if (kv.first.first == buffer_id) only = kv.second, ++n;
   return n == 1 ? only : nullptr;
 }
 
-#if JMEP_LL_HAVE_CHANNELS
+std::vector<std::shared_ptr<LlEntry>> ll_find_all(int64_t buffer_id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::vector<std::shared_ptr<LlEntry>> out;
+  for (auto& kv : g_entries)
+    if (kv.first.first == buffer_id) out.push_back(kv.second);
+  return out;
+}
+
+bool ll_was_closed(int64_t buffer_id) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_closed.count(buffer_id) != 0;
+}
+
+std::string ll_closed_message(int64_t buffer_id) {
+  return "jax_mscclpp_ep: Buffer " + std::to_string(buffer_id) +
+         " was closed; create a new Buffer (this call was compiled before Buffer.close())";
+}
 
 void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t max_tokens,
                  int64_t hidden, int64_t num_experts) {
@@ -145,7 +182,7 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
     throw std::invalid_argument("communicator buffer has " + std::to_string(comm->buffer_bytes()) +
                                 " bytes, the LL layout needs " +
                                 std::to_string(layout.total_bytes()));
-  auto e = std::make_unique<LlEntry>();
+  auto e = std::make_shared<LlEntry>();
   e->comm = comm;
   e->device = comm->device();
   DeviceGuard g(e->device);
@@ -160,44 +197,19 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
   bool any_port = false;
   for (int p = 0; p < R; ++p) any_port |= comm->channel_kind(p) == kLlPort;
   if (any_port) {
-    ll_cuda_check(proxy_launch_add(comm->scratch() + 63, 0, nullptr), "proxy kernel warm-up");
-    ll_cuda_check(proxy_launch_store(comm->scratch() + 62, 0, nullptr), "proxy kernel warm-up");
-    ll_cuda_check(proxy_launch_max(comm->scratch() + 61, 0, nullptr), "proxy kernel warm-up");
+    uint64_t* w = comm->warmup_words();  // its own words: the test scratch stays the tests'
+    ll_cuda_check(proxy_launch_add(w, 0, nullptr), "proxy kernel warm-up");
+    ll_cuda_check(proxy_launch_store(w + 1, 0, nullptr), "proxy kernel warm-up");
+    ll_cuda_check(proxy_launch_max(w + 2, 0, nullptr), "proxy kernel warm-up");
   }
   ll_cuda_check(cudaDeviceSynchronize(), "LL registration");
   ll_insert(buffer_id, std::move(e));
 }
 
-#else  // no channel layer in this build
-
-void ll_register(int64_t, std::shared_ptr<Communicator>, int64_t, int64_t, int64_t) {
-  throw std::runtime_error("this build has no channel layer (communicators)");
-}
-
-#endif
-
 namespace {
 
 const ErrorRecord* host_record(const LlEntry& e) {
-#if JMEP_LL_HAVE_CHANNELS
-  if (e.comm) return e.comm->error_record();
-#endif
-  return e.host_error;
-}
-
-std::string describe(const ErrorRecord& r) {
-  static const char* phases[] = {"none", "test", "barrier", "dispatch send", "dispatch receive",
-                                 "combine send", "combine receive", "proxy flush", "port-channel proxy"};
-  const char* ph = (r.phase >= 0 && r.phase < 9) ? phases[r.phase] : "?";
-  const char* what = r.code == kErrTimeout       ? "timed out waiting for"
-                     : r.code == kErrFifoTimeout ? "timed out on the port-channel FIFO towards"
-                     : r.code == kErrPeerLost    ? "lost its connection to"
-                                                 : "failed with";
-  return "jax_mscclpp_ep: rank " + std::to_string(r.rank) + " " + what + " peer " +
-         std::to_string(r.peer) + " in " + ph + " (error code " + std::to_string(r.code) +
-         ", value seen " + std::to_string(r.detail) +
-         "). The results of that call are invalid and this Buffer's state is undefined: "
-         "close it and create a new Buffer (a peer may have died or stalled).";
+  return e.comm ? e.comm->error_record() : e.host_error;
 }
 
 }  // namespace
@@ -207,51 +219,55 @@ std::string ll_failure(LlEntry& e) {
   if (e.failure.empty()) {
     const ErrorRecord* rec = host_record(e);
     if (rec != nullptr) {
-      const volatile ErrorRecord* v = rec;
-      if (v->code != kErrOk) {
-        ErrorRecord r;
-        r.code = v->code;
-        r.rank = v->rank;
-        r.peer = v->peer;
-        r.phase = v->phase;
-        r.detail = v->detail;
-        e.failure = describe(r);
-#if JMEP_LL_HAVE_CHANNELS
+      const ErrorRecord r = snapshot_error(rec);
+      if (r.code != kErrOk) {
+        e.failure = "jax_mscclpp_ep: " + describe_error(r) +
+                    ". The results of that call are invalid and this Buffer's state is "
+                    "undefined: close it and create a new Buffer (a peer may have died or "
+                    "stalled).";
         // The proxy says why it lost the peer (e.g. the UCX endpoint error).
         if (r.code == kErrPeerLost && e.comm && e.comm->proxy_failed())
           e.failure += " Cause: " + e.comm->proxy_error();
-#endif
       }
     }
   }
-#if JMEP_LL_HAVE_CHANNELS
   if (e.failure.empty() && e.comm && e.comm->proxy_failed()) e.failure = e.comm->proxy_error();
-#endif
   return e.failure;
 }
 
+namespace {
+
+// Host-side queries after close name the Buffer instead of a missing entry.
+std::shared_ptr<LlEntry> find_or_throw(int64_t buffer_id, int device) {
+  if (auto e = ll_find(buffer_id, device)) return e;
+  if (ll_was_closed(buffer_id)) throw std::runtime_error(ll_closed_message(buffer_id));
+  throw std::runtime_error("no LL state for Buffer id " + std::to_string(buffer_id) +
+                           " on device " + std::to_string(device));
+}
+
+}  // namespace
+
 void ll_check(int64_t buffer_id, int device) {
-  LlEntry* e = ll_find(buffer_id, device);
-  if (e == nullptr) throw std::runtime_error("no LL state for this buffer/device");
-  const std::string f = ll_failure(*e);
+  const std::string f = ll_failure(*find_or_throw(buffer_id, device));
   if (!f.empty()) throw std::runtime_error(f);
 }
 
 bool ll_unregister(int64_t buffer_id, int device) {
-  std::unique_ptr<LlEntry> e;
+  std::shared_ptr<LlEntry> e;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     auto it = g_entries.find({buffer_id, device});
     if (it == g_entries.end()) return false;
     e = std::move(it->second);
     g_entries.erase(it);
+    g_closed.insert(buffer_id);
   }
-  free_entry(*e);
-  return true;
+  close_entry(*e);
+  return true;  // e's device state goes with the last executable that holds it
 }
 
 int64_t ll_dropped(int64_t buffer_id, int device) {
-  LlEntry* e = ll_find(buffer_id, device);
+  auto e = ll_find(buffer_id, device);
   if (e == nullptr || e->st.state == nullptr) return -1;
   DeviceGuard g(e->device);
   LlDeviceState st{};
@@ -260,8 +276,7 @@ int64_t ll_dropped(int64_t buffer_id, int device) {
 }
 
 std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
-  LlEntry* e = ll_find(buffer_id, device);
-  if (e == nullptr || e->st.state == nullptr) throw std::runtime_error("no LL state for this buffer");
+  auto e = find_or_throw(buffer_id, device);
   DeviceGuard g(e->device);
   ll_cuda_check(cudaDeviceSynchronize(), "sync for timing");
   LlDeviceState st{};

@@ -15,11 +15,12 @@ constexpr int kLlProbes = 4;
 
 // Per-buffer device state. seq's low bit selects the half of the current call;
 // the last block of each call bumps it (so the host never touches it).
+// closed sits next to seq so that one 8-byte load reads both (ll_begin_call).
 struct LlDeviceState {
   int32_t seq;
+  int32_t closed;       // set by Buffer.close(); then 1 + calls replayed after it
   int32_t blocks_done;
   int32_t dropped;      // expert ids outside [-1, E) seen by dispatch (never sent)
-  int32_t pad;
   // Kernel timing from %globaltimer (what the benchmark reports as kernel time):
   // [0] dispatch, [1] combine. send = first block's start to the last block's
   // end of the send (+ publish) phase; total = to the last block's end.
@@ -121,6 +122,20 @@ __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n
   for (; c < n; c += 32) dst[c] = load(src + c);
 }
 
+// Every LL kernel's first read: the call's seq, or false when the Buffer was
+// closed. Executables compiled before Buffer.close() keep this state alive
+// (ll_entry.cuh), and XLA may replay their kernels from a CUDA graph without
+// asking the FFI handler; such a kernel must touch nothing else (the peers'
+// and the channel layer's memory may be gone), so it counts itself and returns.
+// Every block returns before its first __syncthreads, none waits on another.
+__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int32_t* seq) {
+  const unsigned long long v = *reinterpret_cast<volatile unsigned long long*>(&st->seq);
+  *seq = static_cast<int32_t>(v & 0xffffffffu);  // little-endian: seq, then closed
+  if ((v >> 32) == 0) return true;
+  if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&st->closed, 1);
+  return false;
+}
+
 __device__ __forceinline__ int64_t ll_load_idx(const void* p, int64_t i, bool idx64) {
   return idx64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
@@ -189,9 +204,7 @@ void ll_launch_combine(const LlCombineArgs& a, int num_blocks, cudaStream_t stre
 // Force-load the kernels on the current device (CUDA lazy loading).
 cudaError_t ll_preload_dispatch();
 cudaError_t ll_preload_combine();
-#if JMEP_LL_HAVE_CHANNELS
 void ll_launch_peers_init(ChannelDeviceHandle* handles, char* local, LlPeer* peers, int nranks,
                           cudaStream_t stream);
-#endif
 
 }  // namespace jmep

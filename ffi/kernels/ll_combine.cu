@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
-  const int seq = *reinterpret_cast<volatile int32_t*>(&s.state->seq);
+  int32_t seq;
+  if (!ll_begin_call(s.state, &seq)) return;  // Buffer closed: a replay after close does nothing
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;

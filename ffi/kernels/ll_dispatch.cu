@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
-  const int seq = *reinterpret_cast<volatile int32_t*>(&s.state->seq);
+  int32_t seq;
+  if (!ll_begin_call(s.state, &seq)) return;  // Buffer closed: a replay after close does nothing
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   for (int p = tid; p < R; p += blockDim.x) {
@@ -318,7 +319,6 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const LlDispat
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 0);
 }
 
-#if JMEP_LL_HAVE_CHANNELS
 __global__ void ll_peers_init_kernel(ChannelDeviceHandle* h, char* local, LlPeer* peers, int n) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= n) return;
@@ -329,7 +329,6 @@ __global__ void ll_peers_init_kernel(ChannelDeviceHandle* h, char* local, LlPeer
                   : kind == kLlMemory ? (char*)(h[p].mem.remote_ptr(0))
                                       : nullptr;
 }
-#endif
 
 }  // namespace
 
@@ -344,11 +343,9 @@ void ll_launch_dispatch(const LlDispatchArgs& a, int num_blocks, cudaStream_t st
   ll_dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(a);
 }
 
-#if JMEP_LL_HAVE_CHANNELS
 void ll_launch_peers_init(ChannelDeviceHandle* handles, char* local, LlPeer* peers, int nranks,
                           cudaStream_t stream) {
   ll_peers_init_kernel<<<(nranks + 63) / 64, 64, 0, stream>>>(handles, local, peers, nranks);
 }
-#endif
 
 }  // namespace jmep

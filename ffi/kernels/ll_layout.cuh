@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/ll_limits.h"
+
 #if defined(__CUDACC__)
 #define JMEP_HD __host__ __device__ __forceinline__
 #else
@@ -17,11 +19,7 @@
 
 namespace jmep {
 
-constexpr int kLlFp8Block = 128;   // channels per fp8 scale
 constexpr int kLlHeaderBytes = 16; // message header: int32 source token + padding
-constexpr int kLlMaxTopk = 16;
-constexpr int kLlMaxRanks = 64;
-constexpr int kLlMaxExperts = 1024;
 
 JMEP_HD int64_t ll_align128(int64_t n) { return (n + 127) / 128 * 128; }
 JMEP_HD int64_t ll_max(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -7,21 +7,10 @@
 #include <cstdint>
 
 #include "channels/channel_device.cuh"
-
-// Port channels (and communicators) exist once the channel layer's headers do;
-// without them only directly addressable peers work (ll_p2p.cu, tests).
-#if __has_include("channels/port_channel_device.cuh") && \
-    __has_include("channels/memory_channel_device.cuh") && __has_include("channels/communicator.h")
-#define JMEP_LL_HAVE_CHANNELS 1
 #include "channels/memory_channel_device.cuh"
 #include "channels/port_channel_device.cuh"
-#else
-#define JMEP_LL_HAVE_CHANNELS 0
-#endif
 
 namespace jmep {
-
-struct ChannelDeviceHandle;  // defined by the channel layer
 
 enum LlPeerKind : int32_t { kLlSelf = 0, kLlMemory = 1, kLlPort = 2 };
 
@@ -35,21 +24,11 @@ struct LlPeer {
 // Port-channel operations (one thread each, in push order per channel).
 __device__ __forceinline__ void ll_port_put(ChannelDeviceHandle* h, int peer, uint64_t dst,
                                             uint64_t src, uint64_t bytes) {
-#if JMEP_LL_HAVE_CHANNELS
   h[peer].port.put(dst, src, bytes);
-#else
-  (void)h, (void)peer, (void)dst, (void)src, (void)bytes;
-  __trap();  // no port peers exist without the channel layer
-#endif
 }
 __device__ __forceinline__ void ll_port_add(ChannelDeviceHandle* h, int peer, uint64_t dst,
                                             int64_t delta) {
-#if JMEP_LL_HAVE_CHANNELS
   h[peer].port.atomicAdd(dst, delta);
-#else
-  (void)h, (void)peer, (void)dst, (void)delta;
-  __trap();
-#endif
 }
 
 // Signed add on a signal word we can address directly (self or NVLink peer),

@@ -1,5 +1,5 @@
 // Test and benchmark kernels for the channel layer, launched from Python
-// through bindings.cc. All launches go on the communicator's own stream and
+// through the test-only module _ep_testing (testing/module.cc). All launches go on the communicator's own stream and
 // return at once; sync() waits. Results land in the communicator's scratch
 // words (scratch[0] = error count, scratch[1] = elapsed ns).
 #include <cuda_runtime_api.h>
@@ -8,7 +8,7 @@
 #include <string>
 
 #include "channels/channel_device.cuh"
-#include "channels/channel_tests.h"
+#include "testing/channel_tests.h"
 #include "channels/communicator.h"
 
 namespace jmep {
@@ -270,11 +270,6 @@ double bench_peer_copy(Communicator& c, int peer, uint64_t bytes, int iters) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return ms * 1e-3 / iters;
-}
-
-void comm_sync(Communicator& c) {
-  Dev g(c.device());
-  ck(cudaStreamSynchronize(c.stream()), "stream sync");
 }
 
 }  // namespace jmep

@@ -1,6 +1,6 @@
 // Test/benchmark launches for the channel layer (channel_tests.cu); bound to
-// Python in bindings.cc. Launches are asynchronous on the communicator's
-// stream; comm_sync() waits for them.
+// Python by the test-only module _ep_testing (testing/module.cc). Launches are
+// asynchronous on the communicator's stream; Communicator.sync() waits.
 #pragma once
 #include <cstdint>
 
@@ -20,6 +20,5 @@ void test_atomic(Communicator& c, int peer, uint64_t dst_off, int blocks, int th
 void test_barrier(Communicator& c, int iters);
 double bench_put(Communicator& c, int peer, uint64_t bytes, int iters, int blocks, int threads);
 double bench_peer_copy(Communicator& c, int peer, uint64_t bytes, int iters);
-void comm_sync(Communicator& c);
 
 }  // namespace jmep
