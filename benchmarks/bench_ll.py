@@ -280,9 +280,8 @@ def main():
     gpus = sorted(jax.devices(a.platform), key=lambda d: d.id)[:2 if a.platform == "cpu" else None]
     r = len(gpus)
     mesh = Mesh(np.array(gpus), ("ep",))
-    from jax_mscclpp_ep import native
-    p2p = (os.environ.get("JMEP_LL_P2P", "0") not in ("", "0")
-           or not getattr(native.ext, "ll_has_channels", lambda: True)())
+    from jax_mscclpp_ep import env
+    p2p = env.p2p()
     results = {"devices": [str(d) for d in gpus], "mem_transport": "p2p" if p2p else "channels", "device_kind": gpus[0].device_kind,
                "jax": jax.__version__, "host": platform.node(), "calls": a.calls,
                "steps": a.steps, "reps": a.reps, "shapes": {}}

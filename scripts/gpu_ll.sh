@@ -17,7 +17,7 @@ REPO=$(pwd)
 echo "== $(date -u +%T) start; stages: $STAGES"
 if [[ $STAGES == *build* ]]; then
   time python3 -m pip install --no-build-isolation -q . 2>&1 | grep -v "^WARNING: Running pip" | tail -30
-  (cd /tmp && python3 -c "import jax_mscclpp_ep as e; from jax_mscclpp_ep import native as n; print('cuda', e.cuda_enabled(), 'll', n.ext.ll_enabled(), list(n.ext.ffi_targets()))")
+  (cd /tmp && python3 -c "import jax_mscclpp_ep as e; from jax_mscclpp_ep import native as n; print('cuda', e.cuda_enabled(), [t for t, _ in n.ext.ffi_targets()])")
 fi
 if [[ $STAGES == *test* ]]; then
   echo "== $(date -u +%T) tests"

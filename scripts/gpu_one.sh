@@ -15,7 +15,7 @@ echo "== $(date -u +%T) start; stages: $STAGES"
 nvidia-smi -L
 if [[ $STAGES == *build* ]]; then
   time python3 -m pip install --no-build-isolation -q . 2>&1 | grep -v "^WARNING: Running pip" | tail -30
-  (cd /tmp && python3 -c "import jax_mscclpp_ep as e, jax; from jax_mscclpp_ep import native as n; print('jax', jax.__version__, 'cuda', e.cuda_enabled(), 'll', n.ext.ll_enabled(), 'chan', n.ext.ll_has_channels())")
+  (cd /tmp && python3 -c "import jax_mscclpp_ep as e, jax; from jax_mscclpp_ep import native as n; print('jax', jax.__version__, 'cuda', e.cuda_enabled(), 'targets', [t for t, _ in n.ext.ffi_targets()])")
   so=$(cd /tmp && python3 -c "import jax_mscclpp_ep.native as n; print(n.ext.__file__)" 2>/dev/null); [[ -n "$so" ]] && { ldd "$so" | grep -E "stdc|cuda" || echo "no libstdc++/libcuda dependency listed"; }
 fi
 if [[ $STAGES == *channels* ]]; then

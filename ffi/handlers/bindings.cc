@@ -1,5 +1,5 @@
 // nanobind surface of the LL kernels: registry management for gpu.py, the
-// attribute contract of the FFI handlers and the handler bundles gpu.py
+// attribute contract of the FFI handlers and the handler bundles lowering.py
 // registers with XLA.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -24,10 +24,6 @@ void bind_ll(nb::module_& m) {
   m.def("ll_size_hint", &ll_size_hint, nb::arg("max_tokens"), nb::arg("hidden"),
         nb::arg("num_ranks"), nb::arg("num_experts"),
         "Registered-buffer bytes the LL layout needs (= config.size_hint).");
-  // Always true in a CUDA build; kept while tests/test_ll_gpu.py and
-  // benchmarks/bench_ll.py still ask.
-  m.def("ll_enabled", []() { return true; });
-  m.def("ll_has_channels", []() { return true; });
   m.def("ll_register_p2p", &ll_register_p2p, nb::arg("buffer_id"), nb::arg("devices"),
         nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("timeout_s"),
         "Fallback without communicators: one process, direct CUDA peer access.");

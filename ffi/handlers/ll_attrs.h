@@ -1,5 +1,5 @@
 // The attributes every LL custom call carries, decoded once into LlAttrs.
-// JMEP_LL_ATTRS is the contract with the Python lowering: gpu.py builds each
+// JMEP_LL_ATTRS is the contract with the Python lowering: lowering.py builds each
 // call's attribute dict from _ep.ll_attributes() (this list, in this order), so
 // adding an attribute is one line here plus the primitive param of that name.
 // Every handler receives all of them; a handler ignores those it has no use for

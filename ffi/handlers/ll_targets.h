@@ -17,7 +17,7 @@ XLA_FFI_Error* jmep_ll_gather_rows_ffi(XLA_FFI_CallFrame* frame);
 namespace jmep {
 
 struct LlTarget {
-  const char* name;  // the custom call target gpu.py lowers to
+  const char* name;  // the custom call target lowering.py lowers to
   XLA_FFI_Handler* instantiate;
   XLA_FFI_Handler* execute;
 };
