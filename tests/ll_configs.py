@@ -186,7 +186,7 @@ def gpu_configs():
 CPU = {c.name: c for c in [
     LLConfig("cpu-two_processes", files=MAIN + LIFE, nproc=2, platform="cpu", steps=20,
              only=("size_hint", "peer_channels", "step-basic_fp8", "step-dups_and_bad_ids",
-                   "loop_1000", "grad-random-split", "create_destroy")),
+                   "loop_1000", "create_destroy")),
     LLConfig("cpu-two_processes-all", files=MAIN + LIFE, nproc=2, platform="cpu", steps=20,
              chunk=10, slow=True),
     LLConfig("cpu-one_process-two_ranks", nproc=0, platform="cpu", steps=20, slow=True,

@@ -20,7 +20,7 @@ def synthetic(mode, timeout_s=60.0, grace_s=60.0):
 
 
 def test_failure_skip_and_hang_are_reported_by_case():
-    run = synthetic("hang", timeout_s=15.0)
+    run = synthetic("hang", timeout_s=10.0)
     assert verdict(run, SYNTH + "test_passes") == ("passed", "")
     outcome, msg = verdict(run, SYNTH + "test_fails_on_last_rank")
     assert outcome == "failed" and "rank 1 failed" in msg and "deliberate failure on rank 1" in msg
@@ -29,7 +29,7 @@ def test_failure_skip_and_hang_are_reported_by_case():
     outcome, msg = verdict(run, SYNTH + "test_goes_wrong_on_rank_0")
     assert outcome == "failed", msg
     assert "rank 0 did not report: started this case and never finished it" in msg, msg
-    assert "group timeout after 15 s" in msg, msg
+    assert "group timeout after 10 s" in msg, msg
     outcome, msg = verdict(run, SYNTH + "test_after_the_trouble")
     assert outcome == "failed" and "rank 0 did not report: never ran this case" in msg, msg
     assert "while in synthetic_cases.py::test_goes_wrong_on_rank_0" in msg, msg
