@@ -33,7 +33,7 @@ if [[ $STAGES == *channels* ]]; then
 fi
 if [[ $STAGES == *ll* ]]; then
   echo "== $(date -u +%T) LL tests on one GPU"
-  timeout ${LL_TIMEOUT:-420} pytest -q -rA -p no:cacheprovider -k "${TESTK:-one_gpu or one_rank or size_hint}" tests/test_ll_gpu.py > "$OUT/ll_tests.txt" 2>&1
+  timeout ${LL_TIMEOUT:-420} pytest -q -rA -p no:cacheprovider -m "${MARK:-not slow}" -k "${TESTK:-one_gpu or one_rank or size_hint}" tests/test_ll_gpu.py > "$OUT/ll_tests.txt" 2>&1
   grep -hE "PASS|FAIL|passed|failed|Error" "$OUT/ll_tests.txt" | grep -v "^  File" | head -80
 fi
 if [[ $STAGES == *grad* ]]; then
@@ -45,9 +45,9 @@ if [[ $STAGES == *sanitize* ]]; then
   echo "== $(date -u +%T) compute-sanitizer memcheck: out-of-range expert ids, R = 1"
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$CS" ]]; then
-    CUDA_VISIBLE_DEVICES=0 timeout ${SAN_TIMEOUT:-240} "$CS" --tool memcheck --error-exitcode 9 \
-      --log-file "$OUT/memcheck.txt" python3 tests/_ll_worker.py --mode single --seed $RANDOM \
-      --only dups_and_bad_ids,basic_fp8 > "$OUT/memcheck_worker.txt" 2>&1
+    # One process, R = 1 (the configuration sets CUDA_VISIBLE_DEVICES=0), its pytest under memcheck.
+    timeout ${SAN_TIMEOUT:-240} python3 tests/ll_run.py one_gpu_one_rank-mem -k "dups_and_bad_ids or basic_fp8" \
+      --wrap "$CS --tool memcheck --error-exitcode 9 --log-file $OUT/memcheck.txt" > "$OUT/memcheck_worker.txt" 2>&1
     echo "memcheck exit $?"; grep -E "PASS|FAIL|SUMMARY" "$OUT/memcheck_worker.txt"; tail -3 "$OUT/memcheck.txt"
   else
     echo "no compute-sanitizer on this machine"

@@ -32,13 +32,9 @@ if [[ $STAGES == *info* ]]; then
 fi
 if [[ $STAGES == *smoke* ]]; then
   echo "== $(date -u +%T) smoke: two simulated hosts on GPU 0, a few LL cases"
-  PORT=$((20000 + RANDOM % 20000)); SEED=$RANDOM
-  for r in 0 1; do
-    UCX_TLS=tcp,cuda_copy timeout 240 python3 tests/_ll_worker.py --mode multi --pid $r --nproc 2 --gpu 0 \
-      --port $PORT --seed $SEED --ranks-per-host 1 --only ${SMOKE:-peer_channels,basic_bf16,basic_fp8,all_remote} \
-      > "$OUT/smoke_$r.txt" 2>&1 &
-  done
-  wait; N=30 summary "$OUT"/smoke_*.txt
+  timeout 240 python3 tests/ll_run.py simulated_hosts-2x1 -k "${SMOKE:-peer_channels or basic_bf16 or basic_fp8 or all_remote}" \
+    > "$OUT/smoke.txt" 2>&1
+  N=30 summary "$OUT/smoke.txt" "$OUT"/workers/simulated_hosts-2x1_*.log
 fi
 if [[ $STAGES == *conn* ]]; then
   echo "== $(date -u +%T) UCX connection on host memory (the CI tests)"
@@ -51,7 +47,7 @@ if [[ $STAGES == *channels* ]]; then
 fi
 if [[ $STAGES == *ll* ]]; then
   echo "== $(date -u +%T) LL cases across simulated hosts (2x1, 2x2)"
-  JMEP_UCX_STEPS=${JMEP_UCX_STEPS:-200} timeout 560 $PYT tests/test_ll_gpu.py -k "simulated_hosts_one_gpu ${LLK:+and $LLK}" > "$OUT/ll_hosts.txt" 2>&1
+  JMEP_UCX_STEPS=${JMEP_UCX_STEPS:-200} timeout 560 $PYT tests/test_ll_gpu.py -k "simulated_hosts-2 ${LLK:+and $LLK}" > "$OUT/ll_hosts.txt" 2>&1
   N=120 summary "$OUT/ll_hosts.txt"
 fi
 if [[ $STAGES == *long* ]]; then
@@ -69,7 +65,7 @@ fi
 if [[ $STAGES == *dead* ]]; then
   echo "== $(date -u +%T) killed peer over UCX (and the one-GPU mem/port paths)"
   run_tests ll_dead.txt 300 tests/test_ll_gpu.py -k "dead_peer and one_gpu"
-  grep -h "survivor saw" "$OUT"/workers/dead_peer_one_gpu_*_0.log | cut -c1-400
+  grep -h "survivor saw" "$OUT"/workers/dead_peer-one_gpu-*_0.log | cut -c1-400
 fi
 if [[ $STAGES == *regress* ]]; then
   echo "== $(date -u +%T) single-host paths after the proxy refactor"
@@ -78,16 +74,12 @@ fi
 if [[ $STAGES == *sanitize* ]]; then
   echo "== $(date -u +%T) compute-sanitizer memcheck, two simulated hosts over UCX"
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  PORT=$((20000 + RANDOM % 20000)); SEED=$RANDOM
-  for r in 0 1; do
-    # API errors off: UCX probes the driver (cuMemCreate, cuPointerGetAttribute on host
-    # pointers) and handles the refusals itself; memory access errors are what count here.
-    UCX_TLS=tcp,cuda_copy timeout 400 "$CS" --tool memcheck --report-api-errors no --error-exitcode 9 --log-file "$OUT/memcheck_ucx_$r.txt" \
-      python3 tests/_ll_worker.py --mode multi --pid $r --nproc 2 --gpu 0 --port $PORT --seed $SEED \
-      --ranks-per-host 1 --only basic_fp8,dups_and_bad_ids,basic_bf16 > "$OUT/memcheck_ucx_worker_$r.txt" 2>&1 &
-  done
-  wait
-  for r in 0 1; do grep -hE "PASS|FAIL|SUMMARY" "$OUT/memcheck_ucx_worker_$r.txt"; tail -2 "$OUT/memcheck_ucx_$r.txt"; done
+  # API errors off: UCX probes the driver (cuMemCreate, cuPointerGetAttribute on host
+  # pointers) and handles the refusals itself; memory access errors are what count here.
+  timeout 400 python3 tests/ll_run.py simulated_hosts-2x1 -k "basic_fp8 or dups_and_bad_ids or basic_bf16" \
+    --wrap "$CS --tool memcheck --report-api-errors no --error-exitcode 9 --log-file $OUT/memcheck_ucx_{rank}.txt" \
+    > "$OUT/memcheck_ucx_worker.txt" 2>&1
+  grep -hE "PASS|FAIL|SUMMARY" "$OUT/memcheck_ucx_worker.txt"; for r in 0 1; do tail -2 "$OUT/memcheck_ucx_$r.txt"; done
 fi
 if [[ $STAGES == *example* ]]; then
   echo "== $(date -u +%T) example: 2 simulated hosts x 2 ranks on GPU 0"
