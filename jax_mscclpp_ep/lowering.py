@@ -54,16 +54,17 @@ def attributes(params: dict, phases: int) -> dict:
 
 
 def isolated_call(target: str, avals_out, operands, aliases: dict, attrs: dict):
-    """One FFI custom call whose operands and results pass through optimization barriers.
+    """One FFI custom call whose results pass through an optimization barrier.
 
-    The barriers keep XLA:GPU's dynamic-slice fusion (on by default in jax 0.11) from
-    folding the slicing of stacked lax.scan residuals into our custom call's operands
-    and results: with that fusion our kernels got wrong data inside while loops (the
-    router gradient of layers scanned on one Buffer, 1x H200, jax 0.11.2; correct with
-    --xla_gpu_enable_dynamic_slice_fusion=false). The slices become ordinary copies.
-    Traced inside a lowering (``mlir.lower_fun``)."""
+    The barrier keeps XLA:GPU's dynamic-slice fusion (on by default in jax 0.11) from
+    folding the dynamic-update-slice that stacks a lax.scan iteration's results (the
+    residuals of the backward pass) into our custom call: with that fusion the handle
+    the kernels wrote for one layer was not the one the backward pass read (the router
+    gradient of layers scanned on one Buffer was wrong, 1x H200, jax 0.11.2; right with
+    --xla_gpu_enable_dynamic_slice_fusion=false, with this barrier, and not with a
+    barrier on the operands alone: scripts/gpu_scan_probe.sh). The stacking becomes an
+    ordinary copy. Traced inside a lowering (``mlir.lower_fun``)."""
     out_types = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals_out)
-    operands = lax.optimization_barrier(tuple(operands))
     outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases)(*operands, **attrs)
     return list(lax.optimization_barrier(tuple(outs)))
 
