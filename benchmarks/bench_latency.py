@@ -23,9 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import jax_mscclpp_ep as ep  # noqa: E402
@@ -43,22 +41,6 @@ def parse():
     ap.add_argument("--label", default="ours")
     ap.add_argument("--out", default="", help="write OUT.json")
     return ap.parse_args()
-
-
-def step_loop(mesh, buf, fp8, steps):
-    """f(x, idx, w, y) -> stats: `steps` x (dispatch, combine) with the order token chained."""
-    le = buf.config.num_experts // buf.num_ranks
-
-    def body_fn(x, idx, w, y):
-        def body(i, c):
-            order, stats = c
-            res = ep.dispatch(x, idx, buf, use_fp8=fp8, stats=stats, after=order)
-            _, order = ep.combine(y, idx, w, res.handle, buf, return_order=True)
-            return order, res.stats
-        init = (bench_ll.varying(jnp.zeros((), jnp.int32), idx),
-                bench_ll.varying(jnp.zeros((le,), jnp.int32), idx))
-        return lax.fori_loop(0, steps, body, init_val=init)[1]
-    return bench_ll.smap(mesh, body_fn)
 
 
 def median(xs):
@@ -80,7 +62,8 @@ def main():
            "steps": a.steps, "metric": "median CUPTI kernel duration (us) over the loop's launches; "
            "globaltimer: the kernels' own mean", "sweep": []}
     buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
-    loops = {fp8: step_loop(mesh, buf, fp8, a.steps) for fp8 in (True, False)}
+    # bench_ll's step loop: `steps` x (dispatch, combine), the order token chained
+    loops = {fp8: bench_ll.ours(mesh, buf, fp8, a.steps)["step_loop"] for fp8 in (True, False)}
     for t in tokens:
         x, idx, w = bench_ll.put(mesh, hx[:, :t], hidx[:, :t], hw[:, :t])
         row = {"T": t}
