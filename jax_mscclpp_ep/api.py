@@ -83,37 +83,39 @@ def order_from(after) -> jax.Array:
     return order
 
 
-def dispatch_params(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
-                       what: str):
-    """Trace-time checks of dispatch and dispatch_send: (primitive params, stats_in)."""
+def exchange_params(buffer, axis_name) -> tuple:
+    """Trace-time checks every exchange makes: (config, the params every exchange carries)."""
     config, axis_name, buffer_id = resolve(buffer, axis_name)
     num_ranks = axis_ranks(axis_name)
     check_mesh(buffer, num_ranks)
+    return config, dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
+                        num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id))
+
+
+def dispatch_params(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,
+                    what: str):
+    """Trace-time checks of dispatch and dispatch_send: (primitive params, stats_in)."""
+    config, params = exchange_params(buffer, axis_name)
+    num_ranks = params["num_ranks"]
     if round_scale and not use_fp8:
         raise ValueError("round_scale=True needs use_fp8=True")
     cfg.check_dispatch_args(config, num_ranks, x, topk_idx, stats, use_fp8)
     if check_ids:
-        ids.check_ids(topk_idx, config.num_experts, axis_name, what)
+        ids.check_ids(topk_idx, config.num_experts, params["axis_name"], what)
     le = config.num_experts // num_ranks
     stats_in = jnp.zeros((le,), jnp.int32) if stats is None else stats
-    params = dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
-                  num_ranks=num_ranks, axis_name=axis_name, use_fp8=bool(use_fp8),
-                  round_scale=bool(round_scale), buffer_id=int(buffer_id))
-    return params, stats_in
+    return dict(params, use_fp8=bool(use_fp8), round_scale=bool(round_scale)), stats_in
 
 
 def combine_params(y, topk_idx, topk_weights, handle, buffer, axis_name) -> dict:
     """Trace-time checks of combine and combine_send: the primitive params."""
-    config, axis_name, buffer_id = resolve(buffer, axis_name)
-    num_ranks = axis_ranks(axis_name)
-    check_mesh(buffer, num_ranks)
+    config, params = exchange_params(buffer, axis_name)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle returned by dispatch, got "
                         f"{type(handle).__name__}")
-    cfg.check_combine_args(config, num_ranks, y, topk_idx, topk_weights, handle.src_info,
-                           handle.layout_range)
-    return dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
-                num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id))
+    cfg.check_combine_args(config, params["num_ranks"], y, topk_idx, topk_weights,
+                           handle.src_info, handle.layout_range)
+    return params
 
 
 def dispatch(x, topk_idx, buffer: BufferOrConfig, *, axis_name: Optional[str] = BUFFER_AXIS,

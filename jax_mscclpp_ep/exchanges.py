@@ -29,10 +29,9 @@ COMBINE_TARGET = "jmep_ll_combine"
 
 # ---------------------------------------------------------------- abstract evals
 
-def dispatch_out_avals(t, h, *, num_experts, max_tokens, num_ranks, use_fp8,
+def dispatch_out_avals(h, *, num_experts, max_tokens, num_ranks, use_fp8,
                        sa=jax.core.ShapedArray):
     """recv_x, recv_scales, recv_count, src_info, layout_range, stats, order."""
-    del t
     le, rows = num_experts // num_ranks, num_ranks * max_tokens
     lr = cfg.layout_range_aval(le, num_ranks)
     return (
@@ -48,8 +47,7 @@ def dispatch_out_avals(t, h, *, num_experts, max_tokens, num_ranks, use_fp8,
 
 def _dispatch_abstract(x, topk_idx, stats, order, *, sa, num_experts, max_tokens, num_ranks,
                        use_fp8, **_):
-    t, h = x.shape
-    return dispatch_out_avals(t, h, num_experts=num_experts, max_tokens=max_tokens,
+    return dispatch_out_avals(x.shape[1], num_experts=num_experts, max_tokens=max_tokens,
                               num_ranks=num_ranks, use_fp8=use_fp8, sa=sa)
 
 

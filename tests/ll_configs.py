@@ -38,7 +38,6 @@ class LLConfig:
     steps: int = 1000
     chunk: int = 1000
     env: tuple = ()
-    channels: bool = True         # needs the channel layer (communicators)
     ucx: bool = False             # needs the UCX connection library
     slow: bool = False
     clean_exit: bool = False      # no traceback / RuntimeWarning in any rank's log
@@ -67,7 +66,7 @@ class LLConfig:
     def skip_reason(self):
         if self.platform == "cpu":
             return None
-        return gpu_skip_reason(self.gpus, self.channels) or (ucx_skip_reason() if self.ucx else None)
+        return gpu_skip_reason(self.gpus) or (ucx_skip_reason() if self.ucx else None)
 
 
 def gpu_count() -> int:
@@ -85,8 +84,7 @@ def ll_built() -> bool:
     return ep.cuda_enabled()  # a CUDA build has the kernels and the channel layer
 
 
-def gpu_skip_reason(gpus, channels=True):
-    del channels  # every CUDA build has them
+def gpu_skip_reason(gpus):
     if not ll_built():
         return "jax_mscclpp_ep was built without the CUDA LL kernels"
     if gpu_count() < gpus:
@@ -134,7 +132,7 @@ def hosts(name, layout, **kw):
 def gpu_configs():
     out = []
     out += paths(LLConfig("single_process"), **PORT_QUICK)
-    out.append(LLConfig("single_process-p2p", channels=False, env=(("JMEP_LL_P2P", "1"),)))
+    out.append(LLConfig("single_process-p2p", env=(("JMEP_LL_P2P", "1"),)))
     # The large shapes run in one process (same kernels); across processes the point is
     # the bootstrap (CUDA IPC, key-value store), so quick.
     out += paths(LLConfig("two_processes", nproc=2, quick=True), steps=200)
