@@ -103,6 +103,8 @@ def expert_ffn_ragged(rows, w_in, w_out, counts, capacity: int):
     """
     g_, n_, h_ = rows.shape
     c_ = int(min(capacity, g_ * n_))
+    if c_ == 0:  # no row can be valid (and there is no packed row to gather back from)
+        return jnp.zeros_like(rows)
     counts = jnp.clip(counts.astype(jnp.int32), 0, n_)
     ends = jnp.minimum(jnp.cumsum(counts), c_)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])

@@ -69,6 +69,21 @@ class MoELayer(parameterized.TestCase):
         assert np.all(np.asarray(out[1, 1:], np.float32) == 0)
 
 
+def test_ragged_ffn_with_zero_capacity_gives_zeros():
+    """capacity 0 (every count 0: a step where no expert here received a row): zeros, and
+    zero gradients, not an empty gather."""
+    rng, seed = u.fresh_rng()
+    p = moe.init_params(jax.random.key(int(rng.integers(1 << 31))), H, F, 3)
+    rows = jnp.asarray(rng.standard_normal((3, 8, H)), jnp.bfloat16)
+    counts = jnp.zeros((3,), jnp.int32)
+    out = jax.jit(lambda r, wi, wo: moe.expert_ffn_ragged(r, wi, wo, counts, 0))(
+        rows, p["w_in"], p["w_out"])
+    assert out.shape == rows.shape and not np.asarray(out, np.float32).any(), f"seed {seed}"
+    gw = jax.grad(lambda wi: jnp.sum(moe.expert_ffn_ragged(rows, wi, p["w_out"], counts, 0)
+                                     .astype(jnp.float32)))(p["w_in"])
+    assert not np.asarray(gw).any(), f"seed {seed}"
+
+
 class FFNVariants(parameterized.TestCase):
     """ffn="bucketed" and "ragged" equal the masked batched matmul, values and gradients."""
 
