@@ -5,7 +5,8 @@ Needs a build with the probes compiled in:
 Runs a jitted loop of dispatch(fp8) + combine steps per shape and prints, for each
 kernel, the mean time (µs, from the first block's start) at which the last block
 passed each probe:
-  dispatch: 0 all blocks running, 1 tokens sent, 2 counts published, 3 rows received
+  dispatch: 0 all blocks running (since issue 14: messages counted, first slots claimed),
+            1 tokens sent (with their counts), 2 counts published, 3 rows received
   combine:  0 all blocks running, 1 rows sent + flags, 2 tokens reduced, 3 every flag seen
 plus the kernel's total (to its last block's end).
 

@@ -26,7 +26,7 @@ struct LlEntry {
   LlStatic st{};                       // copied into every launch
   int device = 0;
   int num_blocks = 0;
-  void* dev_mem = nullptr;             // LlDeviceState + slot[E] + finish[E] + peers[R]
+  void* dev_mem = nullptr;             // LlDeviceState + slot[2][E] + peers[R]
   // First device-side error seen (timeout, FIFO stall): once set, the LL state
   // (halves, counters) is undefined, so every later call fails with it.
   std::mutex failure_mu;
@@ -53,6 +53,8 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
                       int64_t max_tokens, int64_t hidden, int64_t num_experts,
                       ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
                       const LlPeer* peers_host);
+// Copies the peer table into the kernels' by-value copy (LlStatic::peer_base).
+void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks);
 // Adds (or replaces) the entry for (buffer id, e->device).
 void ll_insert(int64_t buffer_id, std::shared_ptr<LlEntry> e);
 // Throws std::invalid_argument unless the kernels support these sizes.

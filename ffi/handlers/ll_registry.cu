@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "channels/communicator.h"
 #include "channels/error_text.h"
@@ -94,6 +95,13 @@ void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int
                                 std::to_string(kLlMaxTokens));
 }
 
+void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks) {
+  for (int p = 0; p < nranks; ++p) {
+    s.peer_base[p] = peers[p].base;
+    s.peer_kind[p] = static_cast<int8_t>(peers[p].kind);
+  }
+}
+
 LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
                       int64_t max_tokens, int64_t hidden, int64_t num_experts,
                       ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
@@ -114,17 +122,17 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
                              2 * 8 * num_experts),
                   "cudaMemset(signal area)");
   LlPeer* peers = reinterpret_cast<LlPeer*>(base + peers_off);
-  if (peers_host != nullptr)
+  LlStatic& s = e.st;
+  if (peers_host != nullptr) {
     ll_cuda_check(cudaMemcpy(peers, peers_host, sizeof(LlPeer) * nranks, cudaMemcpyHostToDevice),
                   "copy peer table");
-  LlStatic& s = e.st;
+    ll_set_peer_table(s, peers_host, nranks);
+  }
   s.layout = layout;
   s.local = buffer;
-  s.peers = peers;
   s.handles = handles;
   s.state = reinterpret_cast<LlDeviceState*>(base);
-  s.slot_ctr = reinterpret_cast<int32_t*>(base + sizeof(LlDeviceState));
-  s.finish_ctr = s.slot_ctr + num_experts;
+  s.slot_ctr = reinterpret_cast<int32_t*>(base + sizeof(LlDeviceState));  // [2][E]
   s.error = error;
   s.timeout_ns = timeout_ns;
   s.rank = rank;
@@ -191,6 +199,12 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
                                 comm->timeout_ns(), nullptr);
   ll_launch_peers_init(comm->device_handles(), comm->buffer(), peers, R, nullptr);
   ll_cuda_check(cudaGetLastError(), "peer table kernel");
+  {  // the kernels take the table by value (LlStatic::peer_base)
+    std::vector<LlPeer> table(R);
+    ll_cuda_check(cudaMemcpy(table.data(), peers, sizeof(LlPeer) * R, cudaMemcpyDeviceToHost),
+                  "read peer table");
+    ll_set_peer_table(e->st, table.data(), R);
+  }
   // With CUDA lazy loading, the first launch of the proxy's one-thread atomic
   // kernel would load its module while an LL kernel spins waiting for that
   // very atomic (a module load can wait for running kernels): load it now.

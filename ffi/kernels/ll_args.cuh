@@ -33,20 +33,26 @@ struct LlDeviceState {
   // goes): latest time any block passed probe i, and its sum over calls.
   unsigned long long probe_max[kLlProbes];
   uint64_t sum_probe_ns[2][kLlProbes];
-  // Followed in memory by int32 slot[E] and int32 finish[E] (dispatch send).
+  // Followed in memory by int32 slot[2][E] (dispatch send, LlStatic::slot_ctr).
 };
 
 struct LlStatic {
   LlLayout layout;
   char* local;                  // this rank's registered buffer
-  const LlPeer* peers;          // [R]
   ChannelDeviceHandle* handles; // [R] channel layer handles (port ops)
   LlDeviceState* state;
-  int32_t* slot_ctr;            // [E] next free slot per destination expert
-  int32_t* finish_ctr;          // [E] messages fully sent per destination expert
+  // [2][E] next free slot per destination expert; a dispatch with seq s claims in
+  // row s & 1, and every LL kernel zeroes row (s + 1) & 1 for the next one
+  // (ll_reset_next_slots), so no kernel waits for the claims to end before a reset.
+  int32_t* slot_ctr;
   ErrorRecord* error;
   int64_t timeout_ns;
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
+  // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
+  // constant cache (__grid_constant__), so a kernel reaches its peers without a
+  // global load and a barrier first. Filled at registration; never changes.
+  char* peer_base[kLlMaxRanks];
+  int8_t peer_kind[kLlMaxRanks];
 };
 
 // A call runs both halves; the split API runs the send half (data out, counts
@@ -161,31 +167,61 @@ __device__ __forceinline__ void ll_probe(LlDeviceState* st, int i) {
 
 // Block-wide epilogue: the last block to finish advances seq (flips the half)
 // and books the call's timing under `kind` (0 dispatch, 1 combine).
+// No fence and a relaxed add: seq needs no release, because the next kernel on
+// the stream (the only reader) starts after this one ends, and every block read
+// seq at its start, before its add, so the last adder knows none reads it
+// again. The timing words are diagnostics: each block's atomicMax on them was
+// performed long before its add here, but nothing orders the two, so a
+// timing figure may rarely miss one block (it never affects a result). A fence
+// here would make the last block wait for its row stores to drain first.
 __device__ __forceinline__ void ll_finish_call(LlDeviceState* st, int32_t seq, int kind) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
     const int prev = atomicAdd(&st->blocks_done, 1);
     if (prev == static_cast<int>(gridDim.x) - 1) {
-      __threadfence();
       const uint64_t now = globaltimer_ns();
       const uint64_t t0 = *reinterpret_cast<volatile uint64_t*>(&st->t_start);
-      const uint64_t ts = *reinterpret_cast<volatile unsigned long long*>(&st->t_send_end);
+      const uint64_t ts = atomicAdd(&st->t_send_end, 0ull);
       st->sum_total_ns[kind] += now - t0;
       st->sum_send_ns[kind] += ts > t0 ? ts - t0 : 0;
       st->calls[kind] += 1;
+#if defined(JMEP_LL_PROBES)
       for (int i = 0; i < kLlProbes; ++i) {
-        const uint64_t tp = *reinterpret_cast<volatile unsigned long long*>(&st->probe_max[i]);
+        const uint64_t tp = atomicAdd(&st->probe_max[i], 0ull);
         st->sum_probe_ns[kind][i] += tp > t0 ? tp - t0 : 0;
         st->probe_max[i] = 0;
       }
+#endif
       st->t_send_end = 0;
       st->blocks_done = 0;
       st->seq = seq + 1;
-      __threadfence();
     }
   }
 }
+
+// Zero the slot counters the next dispatch claims in (see LlStatic::slot_ctr).
+// No kernel of this call uses that row: the previous one's claims ended with it.
+__device__ __forceinline__ void ll_reset_next_slots(const LlStatic& s, int32_t seq) {
+  int32_t* next = s.slot_ctr + ((seq + 1) & 1) * s.num_experts;
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < s.num_experts; e += gridDim.x * blockDim.x)
+    next[e] = 0;
+}
+
+// A dispatch count word (int64 per (local expert, source rank)) is written only by
+// atomic adds, one per message, each released after that message's bytes: the
+// message that claimed slot 0 adds (total + 1) << 32 as well, and a source with no
+// message for the expert adds 1 << 32 alone. The word is complete when its high
+// half A is set and its low half counts A - 1 messages; then every message is
+// visible to the acquire that read it. 0 means "nothing yet".
+__device__ __forceinline__ int64_t ll_count_delta(int slot, int total) {
+  return 1 + (slot == 0 ? (static_cast<int64_t>(total) + 1) << 32 : 0);
+}
+constexpr int64_t kLlEmptyCount = int64_t(1) << 32;
+__device__ __forceinline__ bool ll_count_complete(int64_t w) {
+  const int64_t hi = w >> 32;
+  return hi > 0 && (w & 0xffffffffLL) == hi - 1;
+}
+__device__ __forceinline__ int ll_count_of(int64_t w) { return static_cast<int>((w >> 32) - 1); }
 
 // Clear the previous call's signal words for pair (local expert j, peer p):
 // our counter written by p for j, and our flag for p's expert j. Done by the

@@ -19,28 +19,31 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kGroup = 2;  // (expert, rank) pairs a block sends in one pass (wider: slower code)
 
-__global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1)
+    ll_combine_kernel(const __grid_constant__ LlCombineArgs a) {
   const LlStatic& s = a.s;
   const LlLayout& L = s.layout;
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
-  __shared__ char* s_pbase[kLlMaxRanks];
-  __shared__ int s_kind[kLlMaxRanks];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
+  // The first token's expert ids and weights, requested before anything else
+  // (XLA's buffers stay valid even when the Buffer was closed).
+  int64_t e_first = -1;
+  float w_first = 0.f;
+  if (tid < K && blockIdx.x < T && (a.phases & kLlPhaseRecv)) {
+    e_first = ll_load_idx(a.topk_idx, int64_t(blockIdx.x) * K + tid, a.idx64);
+    if (!a.per_slot) w_first = a.topk_weights[int64_t(blockIdx.x) * K + tid];
+  }
   int32_t seq;
   if (!ll_begin_call(s.state, &seq)) return;  // Buffer closed: a replay after close does nothing
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
   const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
-  for (int p = tid; p < R; p += blockDim.x) {
-    s_pbase[p] = s.peers[p].base;
-    s_kind[p] = s.peers[p].kind;
-  }
-  __syncthreads();
+  ll_reset_next_slots(s, seq);
   const int nvec = H / 8;  // 16-byte vectors per bf16 row
   const int64_t row_bytes = int64_t(H) * 2;
   const char* y = static_cast<const char*>(a.y);
@@ -70,7 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
       // A handle from elsewhere must not make us write out of bounds.
       if (q >= send_blocks || cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
       first[g + 1] = first[g] + cnt;
-      any_port |= q < send_blocks && s_kind[q % R] == kLlPort;
+      any_port |= q < send_blocks && s.peer_kind[q % R] == kLlPort;
     }
     const int nrows = first[kGroup];
     // Row i of the pass: its pair g, that pair's q and its handle row.
@@ -100,9 +103,9 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
       const int tok = a.src_info[row];
       if (tok < 0 || tok >= M || n <= 0) continue;
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
-      char* base = s_kind[r] == kLlPort
+      char* base = s.peer_kind[r] == kLlPort
                        ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
-                       : s_pbase[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
+                       : s.peer_base[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
       ll_warp_copy<false>(reinterpret_cast<uint4*>(base) + c0, src, n, lane);
     }
     if (any_port) {
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
         int64_t row;
         locate(i, &q, &row);
         const int j = q / R, r = q % R;
-        if (s_kind[r] != kLlPort) continue;
+        if (s.peer_kind[r] != kLlPort) continue;
         const int tok = a.src_info[row];
         if (tok < 0 || tok >= M) continue;
         ll_port_put(s.handles, r, L.combine_slot(half, s.rank * LE + j, tok, M),
@@ -127,11 +130,11 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
-      if (s_kind[r] == kLlPort) {
+      if (s.peer_kind[r] == kLlPort) {
         __threadfence_system();
         ll_port_add(s.handles, r, flag, 1);
       } else {
-        ll_direct_add(s_pbase[r], flag, 1);
+        ll_direct_add(s.peer_base[r], flag, 1);
       }
     }
   }
@@ -143,7 +146,8 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
   // ---------------------------------------------------------------- receive + reduce
   for (int t = blockIdx.x; t < recv_tokens; t += gridDim.x) {
     if (tid < K) {
-      const int64_t e = ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
+      const bool first = t == static_cast<int>(blockIdx.x);
+      const int64_t e = first ? e_first : ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int ok = -1;
       if (e >= 0 && e < E) {
         const WaitSite site{s.error, s.timeout_ns, s.rank, static_cast<int32_t>(e / LE),
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_kernel(const LlCombine
         ok = static_cast<int>(e);
       }
       s_exp[tid] = ok;
-      s_w[tid] = a.per_slot ? 0.f : a.topk_weights[int64_t(t) * K + tid];
+      s_w[tid] = a.per_slot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
     }
     __syncthreads();
     if (a.per_slot) {

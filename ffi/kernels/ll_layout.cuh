@@ -2,9 +2,10 @@
 // Must match jax_mscclpp_ep/config.py:size_hint (tested via _ep.ll_size_hint).
 //
 // buffer = [half 0][half 1]; half = [send][recv][signal], each 128-aligned.
-// signal = int64 dispatch counters [LE][R] (written by source rank r with
-// -count-1) followed by int64 combine flags [E] (expert e's owner adds 1 when
-// all rows of e for this rank have landed).
+// signal = int64 dispatch counters [LE][R] (source rank r adds to its word once
+// per message and once with the total: ll_count_delta in ll_args.cuh) followed
+// by int64 combine flags [E] (expert e's owner adds 1 when all rows of e for
+// this rank have landed).
 #pragma once
 #include <cstddef>
 #include <cstdint>
