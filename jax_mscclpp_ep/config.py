@@ -48,7 +48,8 @@ def size_hint(max_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts
 
     Two halves (even/odd calls alternate), each with a send area, a receive
     area and a signalling area (int64 dispatch counters + int64 combine
-    flags, one per expert). Every rank must use the same value.
+    flags, one per expert), then one int64 per rank for rank-mask reports. Every
+    rank must use the same value.
     """
     m, h, e = int(max_tokens_per_rank), int(hidden), int(num_experts)
     _check_positive("max_tokens_per_rank", m)
@@ -61,7 +62,8 @@ def size_hint(max_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts
     send = max(m * dmsg, e * m * cmsg)
     recv = max(e * m * dmsg, e * m * cmsg)
     signal = 2 * e * 8
-    return 2 * (_align(send) + _align(recv) + _align(signal))
+    mask_reports = (int(num_ranks) + 1) * 8  # one word per source rank + a stage (rank masks)
+    return 2 * (_align(send) + _align(recv) + _align(signal)) + _align(mask_reports)
 
 
 def _check_positive(name: str, value: int) -> None:

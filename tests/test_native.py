@@ -95,7 +95,7 @@ def test_ffi_targets_are_instantiate_execute_bundles():
     targets = _cuda_ep().ffi_targets()
     assert [name for name, _ in targets] == [
         "jmep_ll_dispatch", "jmep_ll_combine", "jmep_ll_dispatch_send", "jmep_ll_combine_send",
-        "jmep_ll_scatter_rows", "jmep_ll_gather_rows"]
+        "jmep_ll_scatter_rows", "jmep_ll_gather_rows", "jmep_ll_alive"]
     for _, bundle in targets:
         assert sorted(bundle) == ["execute", "instantiate"]
 

@@ -131,7 +131,7 @@ def test_size_hint():
     dmsg = 16 + 2 * h
     send, recv = e * m * 2 * h, e * m * dmsg
     align = lambda n: -(-n // 128) * 128
-    assert got == 2 * (align(send) + align(recv) + align(2 * e * 8))
+    assert got == 2 * (align(send) + align(recv) + align(2 * e * 8)) + align((r + 1) * 8)
     assert ep.EPConfig(e, m, h).size_hint(r) == got
     with pytest.raises(ValueError, match="divisible by num_ranks"):
         ep.size_hint(m, h, 3, e)

@@ -16,6 +16,7 @@ enum Phase : int32_t {
   kPhaseCombineRecv = 6,
   kPhaseProxyFlush = 7,
   kPhaseProxy = 8,  // the host proxy itself (its connection to the peer failed)
+  kPhaseMaskReport = 9,  // a peer reported it masked this rank (LL rank masks)
 };
 
 enum ErrorCode : int32_t {

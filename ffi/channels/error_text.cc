@@ -6,9 +6,10 @@ namespace {
 // Indexed by Phase (error_record.h).
 const char* const kPhaseNames[] = {"none",           "test",          "barrier",
                                    "dispatch send",  "dispatch receive", "combine send",
-                                   "combine receive", "proxy flush",  "port-channel proxy"};
+                                   "combine receive", "proxy flush",  "port-channel proxy",
+                                   "mask report"};
 constexpr int kNumPhases = sizeof(kPhaseNames) / sizeof(kPhaseNames[0]);
-static_assert(kNumPhases == kPhaseProxy + 1, "one name per Phase");
+static_assert(kNumPhases == kPhaseMaskReport + 1, "one name per Phase");
 
 const char* what_happened(int32_t code) {
   switch (code) {
@@ -21,8 +22,12 @@ const char* what_happened(int32_t code) {
 
 }  // namespace
 
+const char* phase_name(int32_t phase) {
+  return (phase >= 0 && phase < kNumPhases) ? kPhaseNames[phase] : "?";
+}
+
 std::string describe_error(const ErrorRecord& r) {
-  const char* phase = (r.phase >= 0 && r.phase < kNumPhases) ? kPhaseNames[r.phase] : "?";
+  const char* phase = phase_name(r.phase);
   return "rank " + std::to_string(r.rank) + " " + what_happened(r.code) + " peer " +
          std::to_string(r.peer) + " in " + phase + " (error code " + std::to_string(r.code) +
          ", value seen " + std::to_string(r.detail) + ")";

@@ -12,6 +12,9 @@ namespace jmep {
 // value seen V)": the record in one sentence without a prefix or full stop.
 std::string describe_error(const ErrorRecord& r);
 
+// The words for a Phase ("dispatch receive"); "?" for an unknown value.
+const char* phase_name(int32_t phase);
+
 // A consistent copy of a host-mapped record the device may still write to.
 ErrorRecord snapshot_error(const ErrorRecord* rec);
 

@@ -5,6 +5,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include "bindings.h"
 #include "channels/communicator.h"
 #include "handlers/ll_attrs.h"
+#include "handlers/ll_mask.h"
 #include "handlers/ll_registry.h"
 #include "handlers/ll_targets.h"
 
@@ -35,6 +37,16 @@ void bind_ll(nb::module_& m) {
   m.def("ll_timing", &ll_timing, nb::arg("buffer_id"), nb::arg("device"), nb::arg("reset") = false,
         "[dispatch calls, send ns, total ns, combine calls, send ns, total ns, then the summed "
         "phase probes of dispatch and of combine (JMEP_LL_PROBES builds)] (synchronises).");
+  m.def("ll_set_peer_failure", &ll_set_peer_failure, nb::arg("buffer_id"), nb::arg("mask"),
+        "on_peer_failure='mask' (True) or 'raise' for every device entry of the Buffer.");
+  m.def("ll_mask_ranks", &ll_mask_ranks, nb::arg("buffer_id"), nb::arg("ranks"),
+        "Adds ranks to the Buffer's mask on this process's devices (synchronises).");
+  m.def("ll_unmask_all", &ll_unmask_all, nb::arg("buffer_id"),
+        "Clears the mask, its records and the peers' reports (synchronises).");
+  m.def("ll_masked_ranks", &ll_masked_ranks, nb::arg("buffer_id"), nb::arg("device"),
+        "Masked ranks as this device sees them (synchronises).");
+  m.def("ll_mask_events", &ll_mask_events, nb::arg("buffer_id"), nb::arg("device"),
+        "[(peer, masked by rank or -1 for the host, phase name)] (synchronises).");
   m.def("ll_attributes", &ll_attribute_list,
         "[(name, 'i64' | 'bool')] in LlAttrs order: the attributes every LL custom call "
         "takes (ffi/handlers/ll_attrs.h).");

@@ -42,6 +42,13 @@ struct LlEntry {
 // an error since (reads host-mapped memory: no synchronisation). Empty if none.
 std::string ll_failure(LlEntry& e);
 
+// Restores the caller's current device (host work may target another GPU).
+struct LlDeviceGuard {
+  int saved = 0;
+  explicit LlDeviceGuard(int dev);
+  ~LlDeviceGuard();
+};
+
 // Registered entry for (buffer id, device), or null. Thread-safe.
 std::shared_ptr<LlEntry> ll_find(int64_t buffer_id, int device);
 
@@ -55,6 +62,8 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
                       const LlPeer* peers_host);
 // Copies the peer table into the kernels' by-value copy (LlStatic::peer_base).
 void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks);
+// The entry, or a runtime_error naming the Buffer (closed, or never here).
+std::shared_ptr<LlEntry> ll_find_or_throw(int64_t buffer_id, int device);
 // Adds (or replaces) the entry for (buffer id, e->device).
 void ll_insert(int64_t buffer_id, std::shared_ptr<LlEntry> e);
 // Throws std::invalid_argument unless the kernels support these sizes.

@@ -32,15 +32,7 @@ std::mutex g_mu;
 std::map<std::pair<int64_t, int>, std::shared_ptr<LlEntry>> g_entries;
 std::set<int64_t> g_closed;  // ids of closed Buffers: their calls say so (ll_was_closed)
 
-// Restores the caller's current device (registration may target another GPU).
-struct DeviceGuard {
-  int saved = 0;
-  explicit DeviceGuard(int dev) {
-    ll_cuda_check(cudaGetDevice(&saved), "cudaGetDevice");
-    ll_cuda_check(cudaSetDevice(dev), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(saved); }
-};
+using DeviceGuard = LlDeviceGuard;
 
 // Close: wait for our kernels, mark the device state closed (a kernel that an
 // executable replays later returns at once: ll_args.cuh), and let go of the
@@ -78,6 +70,12 @@ void ll_cuda_check(int err, const char* what) {
     throw std::runtime_error(std::string("jax_mscclpp_ep LL: ") + what + ": " +
                              cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
+
+LlDeviceGuard::LlDeviceGuard(int dev) {
+  ll_cuda_check(cudaGetDevice(&saved), "cudaGetDevice");
+  ll_cuda_check(cudaSetDevice(dev), "cudaSetDevice");
+}
+LlDeviceGuard::~LlDeviceGuard() { cudaSetDevice(saved); }
 
 void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int nranks) {
   const std::string H = std::to_string(kLlHiddenMultiple), MH = std::to_string(kLlMaxHidden);
@@ -121,6 +119,7 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
     ll_cuda_check(cudaMemset(buffer + layout.half_base(h) + layout.signal_off, 0,
                              2 * 8 * num_experts),
                   "cudaMemset(signal area)");
+  ll_cuda_check(cudaMemset(buffer + layout.mask_off, 0, layout.mask_bytes), "cudaMemset(mask reports)");
   LlPeer* peers = reinterpret_cast<LlPeer*>(base + peers_off);
   LlStatic& s = e.st;
   if (peers_host != nullptr) {
@@ -234,7 +233,9 @@ std::string ll_failure(LlEntry& e) {
     const ErrorRecord* rec = host_record(e);
     if (rec != nullptr) {
       const ErrorRecord r = snapshot_error(rec);
-      if (r.code != kErrOk) {
+      // on_peer_failure="mask": the proxy's lost peer is masked by the kernels, not fatal.
+      const bool masked_loss = e.st.mask_on_failure && r.code == kErrPeerLost;
+      if (r.code != kErrOk && !masked_loss) {
         e.failure = "jax_mscclpp_ep: " + describe_error(r) +
                     ". The results of that call are invalid and this Buffer's state is "
                     "undefined: close it and create a new Buffer (a peer may have died or "
@@ -245,24 +246,24 @@ std::string ll_failure(LlEntry& e) {
       }
     }
   }
-  if (e.failure.empty() && e.comm && e.comm->proxy_failed()) e.failure = e.comm->proxy_error();
+  if (e.failure.empty() && !e.st.mask_on_failure && e.comm && e.comm->proxy_failed())
+    e.failure = e.comm->proxy_error();
   return e.failure;
 }
 
 namespace {
 
-// Host-side queries after close name the Buffer instead of a missing entry.
-std::shared_ptr<LlEntry> find_or_throw(int64_t buffer_id, int device) {
+}  // namespace
+
+std::shared_ptr<LlEntry> ll_find_or_throw(int64_t buffer_id, int device) {
   if (auto e = ll_find(buffer_id, device)) return e;
   if (ll_was_closed(buffer_id)) throw std::runtime_error(ll_closed_message(buffer_id));
   throw std::runtime_error("no LL state for Buffer id " + std::to_string(buffer_id) +
                            " on device " + std::to_string(device));
 }
 
-}  // namespace
-
 void ll_check(int64_t buffer_id, int device) {
-  const std::string f = ll_failure(*find_or_throw(buffer_id, device));
+  const std::string f = ll_failure(*ll_find_or_throw(buffer_id, device));
   if (!f.empty()) throw std::runtime_error(f);
 }
 
@@ -290,7 +291,7 @@ int64_t ll_dropped(int64_t buffer_id, int device) {
 }
 
 std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
-  auto e = find_or_throw(buffer_id, device);
+  auto e = ll_find_or_throw(buffer_id, device);
   DeviceGuard g(e->device);
   ll_cuda_check(cudaDeviceSynchronize(), "sync for timing");
   LlDeviceState st{};

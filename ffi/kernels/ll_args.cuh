@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/ll_layout.cuh"
@@ -19,6 +20,12 @@ constexpr int kLlProbes = 4;
 struct LlDeviceState {
   int32_t seq;
   int32_t closed;       // set by Buffer.close(); then 1 + calls replayed after it
+  // Bit p: peer p is masked (issue 17): no kernel sends to it or waits on it.
+  // Read with seq and closed in one 16-byte load; set by the host
+  // (Buffer.mask_ranks) between calls, or by a kernel whose wait on p timed
+  // out under on_peer_failure="mask" (then in force from the next call; waits
+  // on p later in the same call see it and end at once).
+  unsigned long long masked;
   int32_t blocks_done;
   int32_t dropped;      // expert ids outside [-1, E) seen by dispatch (never sent)
   // Kernel timing from %globaltimer (what the benchmark reports as kernel time):
@@ -33,8 +40,13 @@ struct LlDeviceState {
   // goes): latest time any block passed probe i, and its sum over calls.
   unsigned long long probe_max[kLlProbes];
   uint64_t sum_probe_ns[2][kLlProbes];
+  // Per masked peer: who masked it (this rank, or -1: the host) and in which phase.
+  int32_t mask_by[kLlMaxRanks];
+  int32_t mask_phase[kLlMaxRanks];
   // Followed in memory by int32 slot[2][E] (dispatch send, LlStatic::slot_ctr).
 };
+
+static_assert(offsetof(LlDeviceState, masked) == 8, "ll_begin_call reads seq, closed, masked at once");
 
 struct LlStatic {
   LlLayout layout;
@@ -48,6 +60,7 @@ struct LlStatic {
   ErrorRecord* error;
   int64_t timeout_ns;
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
+  int32_t mask_on_failure;  // on_peer_failure="mask": a timed-out peer is masked, not fatal
   // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
   // constant cache (__grid_constant__), so a kernel reaches its peers without a
   // global load and a barrier first. Filled at registration; never changes.
@@ -134,9 +147,13 @@ __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n
 // asking the FFI handler; such a kernel must touch nothing else (the peers'
 // and the channel layer's memory may be gone), so it counts itself and returns.
 // Every block returns before its first __syncthreads, none waits on another.
-__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int32_t* seq) {
-  const unsigned long long v = *reinterpret_cast<volatile unsigned long long*>(&st->seq);
+// *mask: the masked peers this call goes by (LlDeviceState::masked).
+__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int32_t* seq,
+                                              unsigned long long* mask) {
+  unsigned long long v, m;
+  asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v), "=l"(m) : "l"(st) : "memory");
   *seq = static_cast<int32_t>(v & 0xffffffffu);  // little-endian: seq, then closed
+  *mask = m;
   if ((v >> 32) == 0) return true;
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&st->closed, 1);
   return false;
@@ -222,6 +239,46 @@ __device__ __forceinline__ bool ll_count_complete(int64_t w) {
   return hi > 0 && (w & 0xffffffffLL) == hi - 1;
 }
 __device__ __forceinline__ int ll_count_of(int64_t w) { return static_cast<int>((w >> 32) - 1); }
+
+__device__ __forceinline__ bool ll_is_masked(unsigned long long mask, int p) {
+  return (mask >> p) & 1ull;
+}
+
+// Mask peer p from this kernel (the first to do so records who and where).
+__device__ __forceinline__ void ll_mask_peer(const LlStatic& s, int p, int phase) {
+  const unsigned long long bit = 1ull << p;
+  if ((atomicOr(&s.state->masked, bit) & bit) == 0) {
+    s.state->mask_by[p] = s.rank;
+    s.state->mask_phase[p] = phase;
+  }
+}
+
+// Wait until pred(signal word) holds; returns the value, or 0 when peer p is
+// given up on. Under on_peer_failure="raise" that is today's wait (a timeout is
+// recorded and ends every wait). Under "mask", a timeout masks p and ends only
+// the waits on p: they poll the mask (and the proxy's record of a lost peer)
+// every kLlPollEvery spins, so after the first one every wait on p ends within
+// microseconds, and the call completes on the others.
+template <typename Pred>
+__device__ __forceinline__ int64_t ll_wait_peer(const LlStatic& s, const char* word, Pred pred,
+                                                int p, int phase) {
+  if (!s.mask_on_failure) {
+    const WaitSite site{s.error, s.timeout_ns, s.rank, p, phase};
+    return ll_wait_signal(word, pred, site);
+  }
+  return ll_spin(word, pred, [&](uint64_t start, int64_t) {
+    if (ll_is_masked(*reinterpret_cast<volatile unsigned long long*>(&s.state->masked), p))
+      return true;
+    const ErrorRecord* e = s.error;
+    const bool lost = e != nullptr &&
+                      *reinterpret_cast<const volatile int32_t*>(&e->code) == kErrPeerLost &&
+                      *reinterpret_cast<const volatile int32_t*>(&e->peer) == p;
+    if (!lost && (s.timeout_ns <= 0 || globaltimer_ns() - start <= uint64_t(s.timeout_ns)))
+      return false;
+    ll_mask_peer(s, p, lost ? kPhaseProxy : phase);
+    return true;
+  });
+}
 
 // Clear the previous call's signal words for pair (local expert j, peer p):
 // our counter written by p for j, and our flag for p's expert j. Done by the

@@ -38,7 +38,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!a.per_slot) w_first = a.topk_weights[int64_t(blockIdx.x) * K + tid];
   }
   int32_t seq;
-  if (!ll_begin_call(s.state, &seq)) return;  // Buffer closed: a replay after close does nothing
+  unsigned long long mask;
+  if (!ll_begin_call(s.state, &seq, &mask)) return;  // Buffer closed: a replay after close does nothing
+  // A masked rank (the group masked us, or the user) exchanges nothing.
+  const bool self_masked = ll_is_masked(mask, s.rank);
+  auto reachable = [&](int p) { return !self_masked && !ll_is_masked(mask, p); };
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
@@ -72,6 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int cnt = static_cast<int>(lr[g] & 0xffffffff);
       // A handle from elsewhere must not make us write out of bounds.
       if (q >= send_blocks || cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
+      if (q < send_blocks && !reachable(q % R)) cnt = 0;  // a masked rank gets no rows
       first[g + 1] = first[g] + cnt;
       any_port |= q < send_blocks && s.peer_kind[q % R] == kLlPort;
     }
@@ -126,11 +131,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     if (tid < kGroup && q0 + tid * gridDim.x < send_blocks) {
       const int q = q0 + tid * gridDim.x, j = q / R, r = q % R;
-      ll_clean_prev(s, prev, j, r);
+      ll_clean_prev(s, prev, j, r);  // for a masked peer too (clean if it is unmasked)
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
-      if (s.peer_kind[r] == kLlPort) {
+      if (!reachable(r)) {
+        // nothing to signal
+      } else if (s.peer_kind[r] == kLlPort) {
         __threadfence_system();
         ll_port_add(s.handles, r, flag, 1);
       } else {
@@ -149,11 +156,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool first = t == static_cast<int>(blockIdx.x);
       const int64_t e = first ? e_first : ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int ok = -1;
-      if (e >= 0 && e < E) {
-        const WaitSite site{s.error, s.timeout_ns, s.rank, static_cast<int32_t>(e / LE),
-                            kPhaseCombineRecv};
-        ll_wait_signal(s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, site);
-        ok = static_cast<int>(e);
+      // A masked owner's slot, or one whose owner was lost during this wait,
+      // contributes zero; the token's other slots still reduce.
+      if (e >= 0 && e < E && reachable(static_cast<int>(e / LE))) {
+        const int64_t v = ll_wait_peer(s, s.local + L.combine_flag(half, e, E),
+                                       [](int64_t w) { return w > 0; }, static_cast<int>(e / LE),
+                                       kPhaseCombineRecv);
+        if (v != 0) ok = static_cast<int>(e);
       }
       s_exp[tid] = ok;
       s_w[tid] = a.per_slot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
@@ -215,8 +224,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // dispatch and have its count wiped by that late clear.
   for (int e = blockIdx.x * blockDim.x + tid; e < (a.phases & kLlPhaseRecv ? E : 0);
        e += gridDim.x * blockDim.x) {
-    const WaitSite site{s.error, s.timeout_ns, s.rank, e / LE, kPhaseCombineRecv};
-    ll_wait_signal(s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, site);
+    if (reachable(e / LE))
+      ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, e / LE,
+                   kPhaseCombineRecv);
   }
 
   ll_probe(s.state, 3);  // every flag seen

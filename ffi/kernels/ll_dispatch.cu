@@ -41,6 +41,47 @@ __device__ __forceinline__ void ll_count_add(const LlStatic& s, int p, int64_t a
   }
 }
 
+// Rank masks agree across the group (issue 17): once a rank has masked peers,
+// every dispatch's send phase stores its mask into each reachable peer's
+// report word for it (a port peer gets it by a put from our stage word), and
+// every dispatch reads the reports of the peers it still hears from: a bit
+// another rank has, we take as well (from the next call on). Reports only
+// ever add bits, so a late one is harmless; masked peers' reports are not
+// read. One warp of one block, off the critical path.
+__device__ void ll_exchange_mask_reports(const LlStatic& s, unsigned long long mask,
+                                         bool self_masked) {
+  const LlLayout& L = s.layout;
+  const int lane = threadIdx.x & 31, R = s.nranks;
+  if (self_masked) return;
+  if (mask != 0) {
+    if (lane == 0) {
+      *reinterpret_cast<volatile unsigned long long*>(s.local + L.mask_word(R)) = mask;
+      __threadfence_system();  // the stage word before any put that reads it
+    }
+    __syncwarp();
+    for (int p = lane; p < R; p += 32) {
+      if (p == s.rank || ll_is_masked(mask, p)) continue;
+      if (s.peer_kind[p] == kLlPort)
+        ll_port_put(s.handles, p, L.mask_word(s.rank), L.mask_word(R), 8);
+      else
+        *reinterpret_cast<volatile unsigned long long*>(s.peer_base[p] + L.mask_word(s.rank)) = mask;
+    }
+  }
+  for (int r = lane; r < R; r += 32) {
+    if (r == s.rank || ll_is_masked(mask, r)) continue;
+    const unsigned long long news =
+        *reinterpret_cast<const volatile unsigned long long*>(s.local + L.mask_word(r)) & ~mask;
+    for (int b = 0; b < R; ++b) {
+      if (!ll_is_masked(news, b)) continue;
+      const unsigned long long bit = 1ull << b;
+      if ((atomicOr(&s.state->masked, bit) & bit) == 0) {
+        s.state->mask_by[b] = r;  // b == s.rank: the group masked us
+        s.state->mask_phase[b] = kPhaseMaskReport;
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1)
     ll_dispatch_kernel(const __grid_constant__ LlDispatchArgs a) {
   const LlStatic& s = a.s;
@@ -86,7 +127,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0) ids(blockIdx.x, &e0, &w0);
   }
   int32_t seq;
-  if (!ll_begin_call(s.state, &seq)) return;  // Buffer closed: a replay after close does nothing
+  unsigned long long mask;
+  if (!ll_begin_call(s.state, &seq, &mask)) return;  // Buffer closed: a replay after close does nothing
+  // A masked rank (the group masked us, or the user) exchanges nothing.
+  const bool self_masked = ll_is_masked(mask, s.rank);
+  auto reachable = [&](int p) { return !self_masked && !ll_is_masked(mask, p); };
   const int half = seq & 1, prev = half ^ 1;
   int32_t* slot_ctr = s.slot_ctr + (seq & 1) * E;  // this call's row
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
@@ -109,7 +154,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
-      if (e >= 0 && e < E) {
+      if (e >= 0 && e < E && !reachable(static_cast<int>(e / LE))) {
+        if (!weighted) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
+      } else if (e >= 0 && e < E) {
         if (!dup) {
           slot = atomicAdd(&slot_ctr[e], 1);
           dst = static_cast<int>(e / LE);
@@ -143,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < kLlMaxTopk; ++k) {
           if (k >= K) break;
           ev[k] = ll_load_idx(a.topk_idx, int64_t(t) * K + k, a.idx64);
-          bool fresh = ev[k] >= 0 && ev[k] < E;
+          bool fresh = ev[k] >= 0 && ev[k] < E && reachable(static_cast<int>(ev[k] / LE));
 #pragma unroll
           for (int k2 = 0; k2 < k; ++k2) fresh &= ev[k2] != ev[k];
           if (fresh) atomicAdd(&s_hist[ev[k]], 1);
@@ -255,9 +302,14 @@ __global__ void __launch_bounds__(kThreads, 1)
        blockIdx.x >= idle0 && e < send_experts; e += nidle * blockDim.x) {
     if (s_hist[e] != 0) continue;
     const int p = e / LE, j = e % LE;
+    // Cleared for a masked peer too, so its words are clean if it is unmasked.
     ll_clean_prev(s, prev, j, p);
+    if (!reachable(p)) continue;
     ll_count_add(s, p, L.dispatch_counter(half, j, s.rank, R), kLlEmptyCount, true);
   }
+
+  if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && warp == nwarps - 1)
+    ll_exchange_mask_reports(s, mask, self_masked);
 
   __syncthreads();
   if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
@@ -278,10 +330,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       const int r = lane + 32 * h;
       cnt[h] = 0;
-      if (r < R) {
-        const WaitSite site{s.error, s.timeout_ns, s.rank, r, kPhaseDispatchRecv};
-        const int64_t v = ll_wait_signal(s.local + L.dispatch_counter(half, j, r, R),
-                                         [](int64_t w) { return ll_count_complete(w); }, site);
+      if (r < R && reachable(r)) {
+        const int64_t v = ll_wait_peer(s, s.local + L.dispatch_counter(half, j, r, R),
+                                       [](int64_t w) { return ll_count_complete(w); }, r,
+                                       kPhaseDispatchRecv);
         const int c = v != 0 ? ll_count_of(v) : 0;
         cnt[h] = c < 0 ? 0 : (c > M ? M : c);
       }

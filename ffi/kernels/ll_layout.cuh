@@ -1,7 +1,8 @@
 // LL buffer layout: where each message lives inside the registered buffer.
 // Must match jax_mscclpp_ep/config.py:size_hint (tested via _ep.ll_size_hint).
 //
-// buffer = [half 0][half 1]; half = [send][recv][signal], each 128-aligned.
+// buffer = [half 0][half 1][mask reports]; half = [send][recv][signal], each
+// 128-aligned; mask reports = int64 per source rank + one stage word (issue 17).
 // signal = int64 dispatch counters [LE][R] (source rank r adds to its word once
 // per message and once with the total: ll_count_delta in ll_args.cuh) followed
 // by int64 combine flags [E] (expert e's owner adds 1 when all rows of e for
@@ -32,9 +33,9 @@ struct LlLayout {
   int64_t recv_off;
   int64_t signal_off;
   int64_t half_bytes;
+  int64_t mask_off;      // after both halves: int64 mask report per source rank, + our stage
 
   JMEP_HD static LlLayout make(int64_t m, int64_t h, int64_t r, int64_t e) {
-    (void)r;
     LlLayout l;
     l.dispatch_msg = kLlHeaderBytes + ll_max(2 * h, h + (h / kLlFp8Block) * 4);
     l.combine_msg = 2 * h;
@@ -45,9 +46,14 @@ struct LlLayout {
     l.recv_off = ll_align128(send);
     l.signal_off = l.recv_off + ll_align128(recv);
     l.half_bytes = l.signal_off + ll_align128(signal);
+    l.mask_off = 2 * l.half_bytes;
+    l.mask_bytes = ll_align128((r + 1) * 8);
     return l;
   }
-  JMEP_HD int64_t total_bytes() const { return 2 * half_bytes; }
+  int64_t mask_bytes;
+  JMEP_HD int64_t total_bytes() const { return mask_off + mask_bytes; }
+  // Rank r's latest mask report to us (r = R: the stage our port puts read from).
+  JMEP_HD int64_t mask_word(int64_t r) const { return mask_off + r * 8; }
   JMEP_HD int64_t half_base(int half) const { return half * half_bytes; }
   // Dispatch receive slot for (local expert j, source rank r, slot s).
   JMEP_HD int64_t dispatch_slot(int half, int64_t j, int64_t r, int64_t s, int64_t nranks,

@@ -66,10 +66,11 @@ __device__ __forceinline__ bool ll_wait_expired(uint64_t start, int64_t seen, co
 
 constexpr uint32_t kLlPollEvery = 4096;  // spins between timeout / abort checks
 
-// Spin on a local signal word until pred(value) holds. Returns the value seen
-// (0 on timeout, with the error recorded).
-template <typename Pred>
-__device__ __forceinline__ int64_t ll_wait_signal(const char* p, Pred pred, const WaitSite& site) {
+// Spin on a local signal word until pred(value) holds; every kLlPollEvery
+// spins ask expired(start, value) whether to give up. Returns the value seen,
+// or 0 when given up.
+template <typename Pred, typename Expired>
+__device__ __forceinline__ int64_t ll_spin(const char* p, Pred pred, Expired expired) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   int64_t v = static_cast<int64_t>(ld_acquire_sys(w));
   if (pred(v)) return v;
@@ -77,8 +78,14 @@ __device__ __forceinline__ int64_t ll_wait_signal(const char* p, Pred pred, cons
   for (uint32_t it = 1;; ++it) {
     v = static_cast<int64_t>(ld_acquire_sys(w));
     if (pred(v)) return v;
-    if (it % kLlPollEvery == 0 && ll_wait_expired(start, v, site)) return 0;
+    if (it % kLlPollEvery == 0 && expired(start, v)) return 0;
   }
+}
+
+// ll_spin with the error record's timeout (0 on timeout, with the error recorded).
+template <typename Pred>
+__device__ __forceinline__ int64_t ll_wait_signal(const char* p, Pred pred, const WaitSite& site) {
+  return ll_spin(p, pred, [&](uint64_t start, int64_t v) { return ll_wait_expired(start, v, site); });
 }
 
 }  // namespace jmep
