@@ -9,6 +9,8 @@ from . import config, reference
 from .native import cuda_enabled, native_version
 from .api import DispatchHandle, DispatchResult, combine, dispatch, invalid_ids
 from .buffer import Buffer, BufferClosedError
+from .alive import alive_experts, alive_ranks
+from .mask import MaskEvent
 from .config import EPConfig, size_hint
 from .exchanges import combine_p, dispatch_p
 from .reference import dequantize, fp8_cast, unpack_layout
@@ -23,5 +25,5 @@ __all__ = [
     "combine_p", "config", "cuda_enabled", "dequantize", "dispatch", "dispatch_p", "fp8_cast",
     "invalid_ids", "native_version", "reference", "size_hint", "unpack_layout", "dispatch_send", "dispatch_recv",
     "combine_send", "combine_recv", "PendingDispatch", "PendingCombine", "moe",
-    "deepep",
+    "deepep", "alive_experts", "alive_ranks", "MaskEvent",
 ]

@@ -42,12 +42,13 @@ BUFFER_AXIS = "__buffer_axis__"
 
 
 def resolve(buffer: BufferOrConfig, axis_name):
-    """(config, axis_name, buffer_id) from a Buffer or a bare EPConfig (CPU only)."""
+    """(config, axis_name, buffer_id, masked) from a Buffer or a bare EPConfig (CPU only)."""
     if isinstance(buffer, Buffer):
         buffer.check_open()
-        return buffer.config, (buffer.axis_name if axis_name == BUFFER_AXIS else axis_name), buffer.id
+        axis_name = buffer.axis_name if axis_name == BUFFER_AXIS else axis_name
+        return buffer.config, axis_name, buffer.id, buffer.trace_mask()
     if isinstance(buffer, cfg.EPConfig):
-        return buffer, ("ep" if axis_name == BUFFER_AXIS else axis_name), -1
+        return buffer, ("ep" if axis_name == BUFFER_AXIS else axis_name), -1, ()
     raise TypeError(f"expected a jax_mscclpp_ep.Buffer or EPConfig, got {type(buffer).__name__}")
 
 
@@ -85,11 +86,12 @@ def order_from(after) -> jax.Array:
 
 def exchange_params(buffer, axis_name) -> tuple:
     """Trace-time checks every exchange makes: (config, the params every exchange carries)."""
-    config, axis_name, buffer_id = resolve(buffer, axis_name)
+    config, axis_name, buffer_id, masked = resolve(buffer, axis_name)
     num_ranks = axis_ranks(axis_name)
     check_mesh(buffer, num_ranks)
     return config, dict(num_experts=config.num_experts, max_tokens=config.max_tokens_per_rank,
-                        num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id))
+                        num_ranks=num_ranks, axis_name=axis_name, buffer_id=int(buffer_id),
+                        masked=tuple(masked))
 
 
 def dispatch_params(x, topk_idx, buffer, axis_name, use_fp8, round_scale, stats, check_ids,

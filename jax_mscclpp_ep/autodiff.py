@@ -42,7 +42,7 @@ from .exchanges import (combine_p, combine_recv_p, combine_send_p, dispatch_p, d
 
 
 def _xparams(params: dict) -> dict:
-    return {k: params[k] for k in EXCHANGE_PARAMS}
+    return {k: params[k] for k in EXCHANGE_PARAMS if k in params}  # masked may be left out
 
 
 _typeof = getattr(jax, "typeof", None) or jax.core.get_aval  # jax.typeof since 0.6

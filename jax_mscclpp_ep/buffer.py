@@ -18,6 +18,7 @@ import jax
 
 from . import channels
 from . import config as cfg
+from . import mask
 
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
@@ -52,7 +53,10 @@ class Buffer:
     device-side wait may last before the call fails. host_id: this process's host
     identity (default ``JMEP_HOST_ID``, else hostname + boot id): peers with another
     host identity are reached through UCX port channels, so processes on one machine
-    given different ids act as separate hosts.
+    given different ids act as separate hosts. on_peer_failure: "raise" (a peer that
+    stops answering fails the call and every later one) or "mask" (the survivors mask it
+    and keep serving without its experts; see ``mask_ranks`` and README "Surviving a lost
+    rank").
 
     DeepEP-named methods (``low_latency_dispatch``, ``low_latency_combine``,
     ``get_low_latency_rdma_size_hint``, ...) are attached by ``deepep.py``.
@@ -60,9 +64,11 @@ class Buffer:
 
     def __init__(self, config: cfg.EPConfig, *, mesh=None, axis_name: str = "ep", devices=None,
                  force_port: bool | None = None, timeout_s: float | None = None,
-                 host_id: str | None = None):
+                 host_id: str | None = None, on_peer_failure: str = "raise"):
         if not isinstance(config, cfg.EPConfig):
             raise TypeError(f"config must be an EPConfig, got {type(config).__name__}")
+        self.on_peer_failure = mask.check_policy(on_peer_failure)
+        self._host_mask = mask.HostMask()  # the mask of a Buffer without device state
         self.config = config
         self.axis_name = axis_name
         self.mesh = mesh
@@ -129,6 +135,49 @@ class Buffer:
         if self._device_state is None:
             return None
         return self._device_state.dropped()
+
+    def mask_ranks(self, ranks) -> None:
+        """Stop exchanging with ``ranks`` (ints in [0, R)), added to those already masked:
+        tokens routed to their experts are dropped (counted in ``dropped_ids``), their
+        slots add nothing in combine, and a masked rank's own calls return empty / zero
+        outputs. Every process of the group calls it with the same list, between steps.
+        On GPUs the kernels read the mask on the device (nothing retraces); on CPU the
+        reference is traced with it, so this clears JAX's caches."""
+        self.check_open()
+        ranks = mask.check_ranks(ranks, self.num_ranks)
+        if self._device_state is not None:
+            self._device_state.mask_ranks(ranks)
+        else:
+            self._host_mask.add(ranks)
+
+    def unmask_all(self) -> None:
+        """Exchange with every rank again and forget the mask events (every process, between
+        steps; each rank must be alive and still in its loop)."""
+        self.check_open()
+        if self._device_state is not None:
+            self._device_state.unmask_all()
+        else:
+            self._host_mask.clear()
+
+    def masked_ranks(self) -> list:
+        """Sorted masked ranks as this process's devices see them (GPUs: synchronises)."""
+        self.check_open()
+        if self._device_state is not None:
+            return self._device_state.masked_ranks()
+        return list(self._host_mask.ranks)
+
+    def mask_events(self) -> list:
+        """[mask.MaskEvent(peer, detected_by, phase)] per masked peer: who found it silent and
+        where (detected_by -1: masked by the user)."""
+        self.check_open()
+        if self._device_state is not None:
+            return self._device_state.mask_events()
+        return self._host_mask.events()
+
+    def trace_mask(self) -> tuple:
+        """The masked ranks the CPU reference is traced with: the host mask; () on GPUs
+        (their kernels read the device's mask)."""
+        return () if self._device_state is not None else self._host_mask.ranks
 
     def close(self, *, _barrier_timeout_s: float = 120.0) -> None:
         """Free the device state (every process of the EP group calls it: the ranks

@@ -29,7 +29,8 @@ from jax.interpreters import batching, mlir
 from . import lowering
 
 # The params every exchange carries (dispatch-like ones add use_fp8 and round_scale).
-EXCHANGE_PARAMS = ("num_experts", "max_tokens", "num_ranks", "axis_name", "buffer_id")
+# masked: the ranks the CPU reference masks (Buffer.trace_mask; no handler attribute).
+EXCHANGE_PARAMS = ("num_experts", "max_tokens", "num_ranks", "axis_name", "buffer_id", "masked")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,17 +72,18 @@ def _gather_abstract(y, topk_idx, src_info, layout_range, order, *, sa, **_):
 # ---------------------------------------------------------------- references
 
 def _dispatch_reference(x, topk_idx, stats, order, *, num_experts, max_tokens, axis_name,
-                        use_fp8, round_scale, **_):
+                        use_fp8, round_scale, masked=(), **_):
     out = reference.dispatch_shard(x, topk_idx, num_experts=num_experts, max_tokens=max_tokens,
-                                   axis_name=axis_name, use_fp8=use_fp8, round_scale=round_scale)
+                                   axis_name=axis_name, use_fp8=use_fp8, round_scale=round_scale,
+                                   masked=masked)
     return (*out, stats + out.recv_count, order)
 
 
 def _combine_reference(y, topk_idx, topk_weights, src_info, layout_range, order, *, num_experts,
-                       max_tokens, axis_name, **_):
+                       max_tokens, axis_name, masked=(), **_):
     out = reference.combine_shard(y, topk_idx, topk_weights, src_info, layout_range,
                                   num_experts=num_experts, max_tokens=max_tokens,
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, masked=masked)
     return out, order
 
 
@@ -91,17 +92,17 @@ def _pass_order(*args, **_):
 
 
 def _scatter_reference(g, topk_idx, topk_weights, src_info, layout_range, order, *, num_experts,
-                       max_tokens, axis_name, **_):
+                       max_tokens, axis_name, masked=(), **_):
     out = reference_bwd.scatter_to_rows(g, topk_idx, topk_weights, src_info, layout_range,
                                         num_experts=num_experts, max_tokens=max_tokens,
-                                        axis_name=axis_name)
+                                        axis_name=axis_name, masked=masked)
     return out, order
 
 
 def _gather_reference(y, topk_idx, src_info, layout_range, order, *, num_experts, max_tokens,
-                      axis_name, **_):
+                      axis_name, masked=(), **_):
     out = reference_bwd.gather_rows(y, topk_idx, src_info, layout_range, num_experts=num_experts,
-                                    max_tokens=max_tokens, axis_name=axis_name)
+                                    max_tokens=max_tokens, axis_name=axis_name, masked=masked)
     return out, order
 
 

@@ -15,7 +15,7 @@ from . import native
 if not native.cuda_enabled():  # a GPU Buffer reached this module without the CUDA build
     raise ImportError(native.no_cuda_message())
 
-from . import arch, channels, env, kv, lowering  # noqa: E402
+from . import arch, channels, env, kv, lowering, mask  # noqa: E402
 from . import config as cfg  # noqa: E402
 
 ext = native.ext
@@ -39,6 +39,19 @@ class GpuState:
     def dropped(self) -> int:
         """Expert ids outside [-1, E) seen so far (synchronises: for tests)."""
         return sum(int(ext.ll_dropped(self.buffer_id, dev)) for dev in self.devices)
+
+    def mask_ranks(self, ranks) -> None:
+        ext.ll_mask_ranks(self.buffer_id, list(ranks))
+
+    def unmask_all(self) -> None:
+        ext.ll_unmask_all(self.buffer_id)
+
+    def masked_ranks(self) -> list:
+        """The union over this process's GPUs (they agree once every signal has arrived)."""
+        return sorted({int(r) for dev in self.devices for r in ext.ll_masked_ranks(self.buffer_id, dev)})
+
+    def mask_events(self) -> list:
+        return mask.merge_events(ext.ll_mask_events(self.buffer_id, dev) for dev in self.devices)
 
     def timing(self, reset: bool = False) -> dict:
         """Mean kernel times (µs) booked on the device since the last reset, averaged over this
@@ -69,6 +82,13 @@ def validate(config: cfg.EPConfig, devices) -> None:
     arch.check_devices(devices)
 
 
+def set_peer_failure(buffer) -> None:
+    """With on_peer_failure="mask", a wait that times out on a peer masks it instead of
+    failing the call (before any rank can signal: every process sets it before the barrier)."""
+    if buffer.on_peer_failure == "mask":
+        ext.ll_set_peer_failure(buffer.id, True)
+
+
 def attach(buffer, devices, num_ranks: int) -> GpuState:
     """Create the communicators and LL state of ``buffer`` on this process's GPUs
     (after ``validate``)."""
@@ -85,6 +105,7 @@ def attach(buffer, devices, num_ranks: int) -> GpuState:
         timeout = buffer.timeout_s if buffer.timeout_s is not None else env.timeout_s()
         ext.ll_register_p2p(buffer.id, ordinals, c.max_tokens_per_rank, c.hidden, c.num_experts,
                             float(timeout))
+        set_peer_failure(buffer)
         return GpuState(buffer.id, [], ordinals)
 
     comms = channels.create_communicators(
@@ -95,6 +116,7 @@ def attach(buffer, devices, num_ranks: int) -> GpuState:
         for comm in comms:
             ext.ll_register(buffer.id, comm, c.max_tokens_per_rank, c.hidden, c.num_experts)
             ordinals.append(int(comm.device))
+        set_peer_failure(buffer)
     except BaseException:
         for dev in ordinals:
             ext.ll_unregister(buffer.id, dev)

@@ -15,6 +15,11 @@ Conventions fixed here (and followed by the kernels):
 - inside an expert's packed rows the blocks come in source-rank order and
   rows inside a block in token order (the kernels may order both freely);
 - rows past ``recv_count`` are zeros and their ``src_info`` is -1.
+
+Masked ranks (``masked``, a static tuple; see mask.py): a slot whose expert's owner is
+masked sends nothing (as id -1) and adds nothing in combine; a masked rank sends and
+receives nothing and its combine gives zeros. The other slots of a token still reduce
+with their weights (no renormalisation).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import config as cfg
+from . import mask
 
 F8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
@@ -55,6 +61,20 @@ def combine_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     """[T, K] bool: slot contributes to combine (every in-range slot, duplicates too)."""
     idx = topk_idx.astype(jnp.int32)
     return (idx >= 0) & (idx < num_experts)
+
+
+def rank_index(axis_name):
+    return 0 if axis_name is None else lax.axis_index(axis_name)
+
+
+def unmasked_slots(topk_idx, num_experts: int, num_ranks: int, masked, rank) -> jax.Array:
+    """[T, K] bool: the slot's expert is owned by an unmasked rank and this rank (``rank``,
+    may be traced) is not masked itself. Ids outside [0, E) are left to the other checks."""
+    if not masked:
+        return jnp.ones(topk_idx.shape, bool)
+    alive = jnp.asarray(mask.alive_table(num_experts, num_ranks, masked))
+    owner_ok = alive[jnp.clip(topk_idx.astype(jnp.int32), 0, num_experts - 1)]
+    return owner_ok & ~jnp.any(jnp.asarray(masked, jnp.int32) == rank)
 
 
 def pack_layout(offset: jax.Array, count: jax.Array) -> jax.Array:
@@ -148,11 +168,12 @@ def axis_size(axis_name) -> int:
     return lax.axis_size(axis_name)
 
 
-def _send_blocks(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale):
-    """One rank's messages grouped by destination expert: [E, M, ...] blocks + counts [E]."""
+def _send_blocks(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale, keep):
+    """One rank's messages grouped by destination expert: [E, M, ...] blocks + counts [E].
+    keep [T, K]: the slots the mask lets through."""
     e, m = num_experts, max_tokens
     vals, scales = _payload(x, use_fp8, round_scale)
-    valid = valid_slots(topk_idx, e)
+    valid = valid_slots(topk_idx, e) & keep
     e_idx, pos, counts = _slot_positions(topk_idx, e, valid)
     pos_w = jnp.where(valid, pos, m)  # out of bounds: dropped
     tok = jnp.broadcast_to(jnp.arange(x.shape[0], dtype=jnp.int32)[:, None], e_idx.shape)
@@ -166,12 +187,14 @@ def _send_blocks(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale):
 
 
 def dispatch_shard(x, topk_idx, *, num_experts: int, max_tokens: int, axis_name,
-                   use_fp8: bool = False, round_scale: bool = False) -> DispatchOut:
+                   use_fp8: bool = False, round_scale: bool = False,
+                   masked: tuple = ()) -> DispatchOut:
     """This rank's dispatch inside shard_map over ``axis_name`` (None: a single rank)."""
     num_ranks = axis_size(axis_name)
     m = max_tokens
     le = num_experts // num_ranks
-    bx, bs, bt, counts = _send_blocks(x, topk_idx, num_experts, m, use_fp8, round_scale)
+    keep = unmasked_slots(topk_idx, num_experts, num_ranks, masked, rank_index(axis_name))
+    bx, bs, bt, counts = _send_blocks(x, topk_idx, num_experts, m, use_fp8, round_scale, keep)
     by_rank = lambda a: a.reshape((num_ranks, le) + a.shape[1:])
     blocks = [by_rank(bx), by_rank(bs), by_rank(bt), counts.reshape(num_ranks, le)]
     if axis_name is not None and num_ranks > 1:
@@ -198,7 +221,7 @@ def _pack_received(recv, recv_s, recv_src, recv_cnt, num_ranks, m) -> DispatchOu
 
 
 def combine_shard(y, topk_idx, topk_weights, src_info, layout_range, *, num_experts: int,
-                  max_tokens: int, axis_name):
+                  max_tokens: int, axis_name, masked: tuple = ()):
     """This rank's combine inside shard_map: out[T, H] bf16."""
     num_ranks = axis_size(axis_name)
     le, rows, h = y.shape
@@ -212,16 +235,18 @@ def combine_shard(y, topk_idx, topk_weights, src_info, layout_range, *, num_expe
     if axis_name is not None and num_ranks > 1:
         back = lax.all_to_all(back, axis_name, 0, 0, tiled=True)   # [R(owner), LE, M, H]
     table = back.reshape(e, m, h)                               # [E, token, H]
-    return _reduce(lambda ei, ti: table[ei, ti], topk_idx, topk_weights, e)
+    keep = unmasked_slots(topk_idx, e, num_ranks, masked, rank_index(axis_name))
+    return _reduce(lambda ei, ti: table[ei, ti], topk_idx, topk_weights, e, keep)
 
 
-def _reduce(fetch, topk_idx, topk_weights, num_experts):
+def _reduce(fetch, topk_idx, topk_weights, num_experts, keep):
     """out[t] = sum_k w[t,k] * row(t, idx[t,k]), f32 accumulation, one bf16 rounding.
 
-    fetch(e_idx [T, K], t_idx [T, 1]) returns the rows [T, K, H].
+    fetch(e_idx [T, K], t_idx [T, 1]) returns the rows [T, K, H]; keep [T, K]: the slots
+    the mask lets through.
     """
     t = topk_idx.shape[0]
-    ok = combine_slots(topk_idx, num_experts)
+    ok = combine_slots(topk_idx, num_experts) & keep
     e_idx = jnp.where(ok, topk_idx.astype(jnp.int32), 0)
     rows = fetch(e_idx, jnp.arange(t)[:, None]).astype(jnp.float32)
     w = jnp.where(ok, topk_weights, 0.0)
@@ -232,15 +257,17 @@ def _reduce(fetch, topk_idx, topk_weights, num_experts):
 # ---------------------------------------------------------------- global (no collectives)
 
 def dispatch_global(x, topk_idx, *, num_experts: int, max_tokens: int, use_fp8: bool = False,
-                    round_scale: bool = False) -> DispatchOut:
+                    round_scale: bool = False, masked: tuple = ()) -> DispatchOut:
     """Every rank's dispatch at once: x [R, T, H], topk_idx [R, T, K] -> outputs with a leading R."""
     x, topk_idx = jnp.asarray(x), jnp.asarray(topk_idx)
     num_ranks = x.shape[0]
     e, m = num_experts, max_tokens
     le = e // num_ranks
 
-    send = lambda xr, ir: _send_blocks(xr, ir, e, m, use_fp8, round_scale)
-    bx, bs, bt, counts = jax.vmap(send)(x, topk_idx)           # [R(src), E, M, ...]
+    def send(xr, ir, rank):
+        keep = unmasked_slots(ir, e, num_ranks, masked, rank)
+        return _send_blocks(xr, ir, e, m, use_fp8, round_scale, keep)
+    bx, bs, bt, counts = jax.vmap(send)(x, topk_idx, jnp.arange(num_ranks))   # [R(src), E, M, ...]
     # Regroup by destination: [R(dst), R(src), LE, M, ...].
     to_dst = lambda a: jnp.moveaxis(a.reshape((num_ranks, num_ranks, le) + a.shape[2:]), 1, 0)
     recv, recv_s, recv_src = to_dst(bx), to_dst(bs), to_dst(bt)
@@ -250,7 +277,7 @@ def dispatch_global(x, topk_idx, *, num_experts: int, max_tokens: int, use_fp8: 
 
 
 def combine_global(y, topk_idx, topk_weights, src_info, layout_range, *, num_experts: int,
-                   max_tokens: int):
+                   max_tokens: int, masked: tuple = ()):
     """Every rank's combine at once: y [R, LE, R*M, H] -> out [R, T, H] bf16.
 
     Works with any valid handle (the kernels' row order included): each
@@ -270,7 +297,8 @@ def combine_global(y, topk_idx, topk_weights, src_info, layout_range, *, num_exp
         flat, mode="drop")
     y_flat = y.reshape(-1, h)
 
-    def one_rank(rm, ir, wr):
-        return _reduce(lambda ei, ti: y_flat[rm[ei, ti]], ir, wr, e)
+    def one_rank(rm, ir, wr, rank):
+        keep = unmasked_slots(ir, e, num_ranks, masked, rank)
+        return _reduce(lambda ei, ti: y_flat[rm[ei, ti]], ir, wr, e, keep)
 
-    return jax.vmap(one_rank)(rowmap, topk_idx, topk_weights)
+    return jax.vmap(one_rank)(rowmap, topk_idx, topk_weights, jnp.arange(num_ranks))

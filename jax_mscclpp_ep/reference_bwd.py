@@ -13,6 +13,9 @@ kernels' row order included:
 - ``gather_rows``: combine's exchange without the reduction: for each slot
   (t, k) the row of (t, idx[t,k]) as bf16, zeros for masked slots; the
   gradient w.r.t. topk_weights is <g[t], row(t, k)> computed from it.
+
+Masked ranks (``masked``) as in the forward exchanges: slots whose expert's owner is
+masked, and every slot of a masked rank, carry nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .reference import axis_size, row_owner, combine_slots, unpack_layout
+from .reference import (axis_size, combine_slots, rank_index, row_owner, unmasked_slots,
+                        unpack_layout)
 
 
 def _row_tokens(src_info, layout_range, rows, max_tokens):
@@ -32,13 +36,14 @@ def _row_tokens(src_info, layout_range, rows, max_tokens):
 
 
 def scatter_to_rows(g, topk_idx, topk_weights, src_info, layout_range, *, num_experts: int,
-                    max_tokens: int, axis_name):
+                    max_tokens: int, axis_name, masked: tuple = ()):
     """grad_y [LE, R*M, H] bf16 from g [T, H] (see the module docstring)."""
     num_ranks = axis_size(axis_name)
     e, m = num_experts, max_tokens
     le, rows = src_info.shape
     t, h = g.shape
-    ok = combine_slots(topk_idx, e)
+    ok = combine_slots(topk_idx, e) & unmasked_slots(topk_idx, e, num_ranks, masked,
+                                                     rank_index(axis_name))
     e_idx = jnp.where(ok, topk_idx.astype(jnp.int32), 0)
     w = jnp.where(ok, topk_weights, 0.0).astype(jnp.float32)
     # Per (expert, token) weight: duplicate slots of one expert add up.
@@ -56,7 +61,7 @@ def scatter_to_rows(g, topk_idx, topk_weights, src_info, layout_range, *, num_ex
 
 
 def gather_rows(y, topk_idx, src_info, layout_range, *, num_experts: int, max_tokens: int,
-                axis_name):
+                axis_name, masked: tuple = ()):
     """[T, K, H] bf16: the row that held (t, topk_idx[t,k]); zeros for masked slots."""
     num_ranks = axis_size(axis_name)
     le, rows, h = y.shape
@@ -68,7 +73,8 @@ def gather_rows(y, topk_idx, src_info, layout_range, *, num_experts: int, max_to
     if axis_name is not None and num_ranks > 1:
         back = lax.all_to_all(back, axis_name, 0, 0, tiled=True)   # [R(owner), LE, M, H]
     table = back.reshape(e, m, h)
-    ok = combine_slots(topk_idx, e)
+    ok = combine_slots(topk_idx, e) & unmasked_slots(topk_idx, e, num_ranks, masked,
+                                                     rank_index(axis_name))
     e_idx = jnp.where(ok, topk_idx.astype(jnp.int32), 0)
     got = table[e_idx, jnp.arange(t)[:, None]]                  # [T, K, H]
     return jnp.where(ok[:, :, None], got, jnp.zeros((), y.dtype)).astype(jnp.bfloat16)

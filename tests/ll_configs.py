@@ -16,6 +16,7 @@ from mp_parent import short_id
 
 MAIN = ("ll_cases.py", "ll_grad_cases.py")
 LIFE = ("ll_life_cases.py",)
+MASK = ("ll_mask_cases.py",)
 # The forced-port path is slow (one proxy operation per message): by default it skips
 # the large shapes and runs a shorter loop; JMEP_LL_PORT_FULL=1 runs everything.
 PORT_FULL = bool(os.environ.get("JMEP_LL_PORT_FULL"))
@@ -43,6 +44,8 @@ class LLConfig:
     clean_exit: bool = False      # no traceback / RuntimeWarning in any rank's log
     platform: str = "gpu"
     seed: int = 0                 # 0: a fresh one per run
+    heartbeat_s: int = 0          # jax.distributed heartbeat timeout (0: jax's 100 s)
+    dies: tuple = ()              # ranks that kill themselves on purpose (SIGKILL)
 
     def selects(self, case: dict) -> bool:
         """only names a case function (all its parameters: "step"), one case ("step-basic_bf16")
@@ -56,12 +59,12 @@ class LLConfig:
     def launch(self, targets=None, pytest_args=(), wrap="") -> Launch:
         s = RankSettings(platform=self.platform, device=self.gpu, force_port=self.force_port,
                          ranks_per_host=self.ranks_per_host, steps=self.steps, chunk=self.chunk,
-                         seed=self.seed)
+                         seed=self.seed, heartbeat_s=self.heartbeat_s)
         if targets is None:  # every case this configuration selects, by node id
             targets = [os.path.join(CASES_DIR, c["case"])
                        for c in list_cases(self.files, self.platform) if self.selects(c)]
         return Launch(self.name, list(targets), s, nproc=self.nproc, env=dict(self.env),
-                      pytest_args=list(pytest_args), wrap=wrap)
+                      pytest_args=list(pytest_args), wrap=wrap, may_die=self.dies)
 
     def skip_reason(self):
         if self.platform == "cpu":
@@ -147,6 +150,16 @@ def gpu_configs():
                 gpus=2 if share == "two_gpus" else 1, gpu=0 if share == "one_gpu" else None,
                 force_port=path == "port", ranks_per_host=1 if path == "ucx" else 0,
                 ucx=path == "ucx", env=UCX_ENV if path == "ucx" else ()))
+    # Four processes on GPU 0; the last one dies (memory, forced port, two simulated hosts
+    # over UCX). The survivors' 1,000 steps must not outlast jax.distributed's heartbeat.
+    for path in ("mem", "port", "ucx"):
+        ucx = path == "ucx"
+        out.append(LLConfig(
+            f"mask_lost_rank-one_gpu-{path}", files=MASK, only=("mask_lost_rank",), nproc=4,
+            gpus=1, gpu=0, force_port=path == "port", ranks_per_host=2 if ucx else 0, ucx=ucx,
+            env=UCX_ENV if ucx else (), steps=1000, heartbeat_s=600, dies=(3,)))
+    out += paths(LLConfig("mask_user-one_gpu", files=MASK, only=("mask_user",), nproc=4, gpus=1,
+                          gpu=0))
     for layout in HOSTS:
         out.append(hosts("simulated_hosts", layout, quick=True,
                          steps=int(os.environ.get("JMEP_UCX_STEPS", "1000"))))
@@ -179,10 +192,10 @@ def gpu_configs():
 # itself, here and in CI. The default one picks a few cases of each kind (about 5 s each on
 # two cores); the slow one runs every case, the lifecycle ones with short loops.
 CPU = {c.name: c for c in [
-    LLConfig("cpu-two_processes", files=MAIN + LIFE, nproc=2, platform="cpu", steps=20,
+    LLConfig("cpu-two_processes", files=MAIN + LIFE + MASK, nproc=2, platform="cpu", steps=20,
              only=("size_hint", "peer_channels", "step-basic_fp8", "step-dups_and_bad_ids",
-                   "loop_1000", "create_destroy")),
-    LLConfig("cpu-two_processes-all", files=MAIN + LIFE, nproc=2, platform="cpu", steps=20,
+                   "loop_1000", "create_destroy", "mask_user")),
+    LLConfig("cpu-two_processes-all", files=MAIN + LIFE + MASK, nproc=2, platform="cpu", steps=20,
              chunk=10, slow=True),
     LLConfig("cpu-one_process-two_ranks", nproc=0, platform="cpu", steps=20, slow=True,
              env=(("XLA_FLAGS", "--xla_force_host_platform_device_count=2"),)),

@@ -28,6 +28,7 @@ class RankSettings:
     steps: int = 1000              # loops: steps per run
     chunk: int = 1000              # long_run: steps per jitted loop
     seed: int = 0                  # the group's seed: every rank draws the same data
+    heartbeat_s: int = 0           # jax.distributed's heartbeat timeout (0: jax's default, 100 s)
     report: str = ""               # per-case JSON lines of this rank (tests/multiprocess/case_report.py)
 
     def effective_host_id(self) -> str:

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from mp_env import RankSettings
-from mp_verdict import GroupRun, RankResult
+from mp_verdict import GroupRun, RankResult, died_on_purpose
 
 CASES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess")
 TESTS_DIR = os.path.dirname(CASES_DIR)
@@ -96,6 +96,7 @@ class Launch:
     # After a rank fails hard (non-zero exit, signal) the others usually wait for it in
     # a collective: they get this long to finish or report, then the group ends.
     grace_s: float = float(os.environ.get("JMEP_MP_GRACE_S", "60"))
+    may_die: tuple = ()      # ranks that kill themselves on purpose (SIGKILL): no grace timer
 
     def commands(self, log_dir):
         coordinator = f"127.0.0.1:{free_port()}" if self.nproc else ""
@@ -129,7 +130,8 @@ class Launch:
             procs.append((subprocess.Popen(cmd, env=env, cwd=folder, stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True),
                           log, base))
-        killed = wait_group([p for p, _, _ in procs], t0 + self.timeout_s, self.timeout_s, self.grace_s)
+        killed = wait_group([p for p, _, _ in procs], t0 + self.timeout_s, self.timeout_s, self.grace_s,
+                            self.may_die)
         ranks = []
         for i, (p, log, base) in enumerate(procs):
             log.close()
@@ -138,13 +140,16 @@ class Launch:
         return GroupRun(self.name, ranks, time.monotonic() - t0)
 
 
-def wait_group(procs, deadline, timeout_s, grace_s) -> dict:
+def wait_group(procs, deadline, timeout_s, grace_s, may_die=()) -> dict:
     """Wait for every process; kill all at the deadline, or grace_s after one fails
-    hard. Returns {rank: why it was killed}."""
+    hard (not counting the ranks in may_die killed by SIGKILL). Returns {rank: why it
+    was killed}."""
     killed, failed_at = {}, None
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
-        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+        if failed_at is None and any(p.returncode not in (None, 0)
+                                     and not died_on_purpose(i, p.returncode, may_die)
+                                     for i, p in enumerate(procs)):
             failed_at = now
         why = (f"group timeout after {timeout_s:.0f} s" if now >= deadline else
                f"{grace_s:.0f} s after another rank failed" if failed_at is not None

@@ -75,5 +75,6 @@ class GroupRuns:
 
     def check_exit(self, name):
         run = self.run(name)
-        ok, message = exit_verdict(run, clean=self.configs[name].clean_exit)
+        c = self.configs[name]
+        ok, message = exit_verdict(run, clean=c.clean_exit, may_die=c.dies)
         assert ok, message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from signal import SIGKILL
 
 
 @dataclasses.dataclass
@@ -87,11 +88,18 @@ def verdict(run: GroupRun, case: str):
     return "passed", ""
 
 
-def exit_verdict(run: GroupRun, *, clean=False):
-    """(ok, message): every rank exited 0 and was not killed; clean: nor did any log a
-    traceback or a RuntimeWarning (Buffers released quietly at exit)."""
+def died_on_purpose(rank, code, may_die) -> bool:
+    """The rank ended by its own SIGKILL, as its configuration says it will."""
+    return rank in may_die and code == -SIGKILL
+
+
+def exit_verdict(run: GroupRun, *, clean=False, may_die=()):
+    """(ok, message): every rank exited 0 and was not killed (the ranks in may_die may end by
+    their own SIGKILL); clean: nor did any log a traceback or a RuntimeWarning (Buffers
+    released quietly at exit)."""
     bad = [f"rank {rr.rank}: {rr.how_it_ended()} (last case {rr.last_started()})"
-           for rr in run.ranks if rr.killed_by or rr.code != 0]
+           for rr in run.ranks
+           if rr.killed_by or (rr.code != 0 and not died_on_purpose(rr.rank, rr.code, may_die))]
     if clean:
         for rr in run.ranks:
             tail = rr.log_tail(1 << 20)

@@ -47,3 +47,16 @@ def test_every_custom_call_of_a_scanned_gradient_feeds_a_barrier():
     for r in results:
         assert r in barrier_inputs, f"results of {r} do not go through a barrier"
     assert text.count("stablehlo.optimization_barrier") == len(results)
+
+
+def test_alive_experts_is_one_custom_call_behind_a_barrier():
+    """alive_experts lowers to the jmep_ll_alive custom call (no host mask baked in): its
+    results, int32[E] and the order token, pass through the barrier like the exchanges'."""
+    mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    with ep.Buffer(ep.EPConfig(8, 16, 128), mesh=mesh, on_peer_failure="mask") as buf:
+        f = jax.jit(jax.shard_map(lambda: ep.alive_experts(buf)[None], mesh=mesh, in_specs=(),
+                                  out_specs=jax.sharding.PartitionSpec("ep")))
+        text = f.trace().lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"stablehlo.custom_call @(jmep_ll_\w+)", text)
+    assert calls == ["jmep_ll_alive"], text
+    assert "tensor<8xi32>" in text and text.count("stablehlo.optimization_barrier") == 1, text

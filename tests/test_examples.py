@@ -13,6 +13,7 @@ CASES = {
     "train_moe": (["--steps", "40"], "OK: EP training matches non-EP training"),
     "decode_loop": (["--steps", "4", "--slots", "8", "--hidden", "128"],
                     "OK: decode loop matches the dense model"),
+    "decode_survive": (["--steps", "4"], "OK: decode loop kept serving after losing a rank"),
     "launch_multiprocess": (["--nprocs", "2", "--tokens", "8", "--hidden", "128"],
                             "OK: all 2 processes passed"),
     "route_tokens": (["--tokens", "16", "--hidden", "128"], "OK: expert-parallel MoE output"),

@@ -13,10 +13,10 @@ from mp_verdict import exit_verdict, verdict
 SYNTH = "synthetic_cases.py::"
 
 
-def synthetic(mode, timeout_s=60.0, grace_s=60.0):
+def synthetic(mode, timeout_s=60.0, grace_s=60.0, nproc=2, may_die=()):
     return Launch(f"synthetic_{mode}", ["synthetic_cases.py"], RankSettings(platform="cpu"),
-                  nproc=2, env={"JMEP_MP_SYNTHETIC": mode}, timeout_s=timeout_s,
-                  grace_s=grace_s).run()
+                  nproc=nproc, env={"JMEP_MP_SYNTHETIC": mode}, timeout_s=timeout_s,
+                  grace_s=grace_s, may_die=may_die).run()
 
 
 def test_failure_skip_and_hang_are_reported_by_case():
@@ -47,6 +47,17 @@ def test_crash_names_the_case_and_ends_the_waiting_peers():
     assert "rank 1 did not report: started this case and never finished it: killed by the " \
            "launcher (3 s after another rank failed)" in msg, msg
     assert run.elapsed_s < 60, f"the waiting rank was not ended soon after the crash: {run.elapsed_s}"
+
+
+def test_a_rank_killing_itself_on_purpose_is_no_failure():
+    """A configuration's `dies` ranks (the lost rank of mask_lost_rank) may end by their own
+    SIGKILL: their case passes as recorded, the others are not ended after the grace."""
+    run = synthetic("sigkill", grace_s=3.0, nproc=3, may_die=(2,))
+    assert verdict(run, SYNTH + "test_last_rank_kills_itself") == ("passed", "")
+    assert all(not rr.killed_by for rr in run.ranks), [rr.killed_by for rr in run.ranks]
+    assert exit_verdict(run, may_die=(2,))[0], exit_verdict(run, may_die=(2,))[1]
+    ok, msg = exit_verdict(run)
+    assert not ok and "rank 2: killed by signal 9" in msg, msg
 
 
 CPU_CONFIGS = list(ll_configs.CPU.values())

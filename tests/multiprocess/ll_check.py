@@ -4,6 +4,8 @@ check against the pure-JAX reference computed here for every rank: the rows of e
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,16 +83,26 @@ def split_step_fn(group, buf, use_fp8):
     return group.sharded(fn)
 
 
-def expected(group, buf, x, idx, w, c, use_fp8, round_scale):
+@functools.lru_cache(maxsize=None)
+def reference_fn(e, m, use_fp8, round_scale, masked=()):
+    """jit((x, idx, w, c) -> (reference dispatch of every rank, reference combine [R,T,H]))
+    with ``masked`` ranks masked; compiled once per shape, so a loop can check every step."""
+    def fn(x, idx, w, c):
+        ref = ep.reference.dispatch_global(x, idx, num_experts=e, max_tokens=m, use_fp8=use_fp8,
+                                           round_scale=round_scale, masked=masked)
+        y = jax.vmap(lambda a, b, cc: y_of(a, b, cc, use_fp8))(ref.recv_x, ref.recv_scales, c)
+        out = ep.reference.combine_global(y, idx, w, ref.src_info, ref.layout_range,
+                                          num_experts=e, max_tokens=m, masked=masked)
+        return ref, out
+    return jax.jit(fn)
+
+
+def expected(group, buf, x, idx, w, c, use_fp8, round_scale, masked=()):
     """(reference dispatch of every rank, reference combine [R,T,H]) on this process's CPU."""
-    e, m = buf.config.num_experts, buf.config.max_tokens_per_rank
+    f = reference_fn(buf.config.num_experts, buf.config.max_tokens_per_rank, use_fp8,
+                     round_scale, tuple(masked))
     with jax.default_device(group.cpu):
-        ref = ep.reference.dispatch_global(jnp.asarray(x), jnp.asarray(idx), num_experts=e,
-                                           max_tokens=m, use_fp8=use_fp8, round_scale=round_scale)
-        y = jax.vmap(lambda a, b, cc: y_of(a, b, cc, use_fp8))(ref.recv_x, ref.recv_scales,
-                                                               jnp.asarray(c))
-        out = ep.reference.combine_global(y, jnp.asarray(idx), jnp.asarray(w), ref.src_info,
-                                          ref.layout_range, num_experts=e, max_tokens=m)
+        ref, out = f(*(jnp.asarray(a) for a in (x, idx, w, c)))
         return jax.tree.map(np.asarray, ref), np.asarray(out)
 
 
@@ -99,14 +111,10 @@ def expert_scales(rng, group, buf):
                        ).astype(np.float32)
 
 
-def check_step(group, rng, buf, x, idx, w, *, use_fp8=False, round_scale=False, fn=None):
-    """Run one step (fn, or a new step_fn) and check this process's ranks; returns fn so
-    a case can replay the compiled step with fresh data."""
+def check_outputs(buf, got, ref, out_ref, use_fp8):
+    """This process's ranks of one step's outputs ({rank: numpy} each, as step_fn returns
+    them) against the reference."""
     m = buf.config.max_tokens_per_rank
-    c = expert_scales(rng, group, buf)
-    fn = fn or step_fn(group, buf, use_fp8, round_scale)
-    got = [group.local(o) for o in fn(*(group.put(a) for a in (x, idx, w, c)))]
-    ref, out_ref = expected(group, buf, x, idx, w, c, use_fp8, round_scale)
     for r in got[0]:
         rx, sc, cnt, src, lr, stats, out = (g[r] for g in got)
         have = testing.normalize_dispatch(rx, sc if use_fp8 else None, cnt, src, lr, m)
@@ -114,8 +122,24 @@ def check_step(group, rng, buf, x, idx, w, *, use_fp8=False, round_scale=False, 
                                           ref.recv_count[r], ref.src_info[r], ref.layout_range[r], m)
         testing.assert_dispatch_equal(have, want)
         np.testing.assert_array_equal(stats, cnt, "stats_out = stats + recv_count")
-        a, b = out.astype(np.float32), out_ref[r].astype(np.float32)
-        assert np.all(np.isfinite(a)), f"rank {r}: combine produced non-finite values"
-        np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-6, err_msg=f"combine, rank {r}")
+        check_combine(out, out_ref[r], f"combine, rank {r}")
+
+
+def check_combine(out, want, what):
+    a, b = out.astype(np.float32), want.astype(np.float32)
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+    np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-6, err_msg=what)
+
+
+def check_step(group, rng, buf, x, idx, w, *, use_fp8=False, round_scale=False, fn=None,
+               masked=()):
+    """Run one step (fn, or a new step_fn) and check this process's ranks against the
+    reference with ``masked`` ranks masked; returns fn so a case can replay the compiled
+    step with fresh data."""
+    c = expert_scales(rng, group, buf)
+    fn = fn or step_fn(group, buf, use_fp8, round_scale)
+    got = [group.local(o) for o in fn(*(group.put(a) for a in (x, idx, w, c)))]
+    check_outputs(buf, got, *expected(group, buf, x, idx, w, c, use_fp8, round_scale, masked),
+                  use_fp8)
     buf.check()
     return fn

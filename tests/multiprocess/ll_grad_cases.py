@@ -27,7 +27,8 @@ def bwd_fn(group, buf):
     ex holds bf16(a[ex, s, t] * v), so any rank can tell what each slot must get back
     without the owner's row order."""
     r, le = group.num_ranks, E // group.num_ranks
-    kw = dict(num_experts=E, max_tokens=M, num_ranks=r, axis_name="ep", buffer_id=buf.id)
+    kw = dict(num_experts=E, max_tokens=M, num_ranks=r, axis_name="ep", buffer_id=buf.id,
+              masked=buf.trace_mask())
 
     def fn(xs, ids, ws, gs, a, v):
         res = ep.dispatch(xs, ids, buf)

@@ -22,10 +22,13 @@ class EPGroup:
             # Cross-process collectives on CPU devices go through gloo.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if s.coordinator:
+            # A task silent for heartbeat_s makes the coordination service end every other
+            # process (SIGABRT): cases that outlive a dead peer set it longer.
+            beat = {"heartbeat_timeout_seconds": s.heartbeat_s} if s.heartbeat_s else {}
             jax.distributed.initialize(coordinator_address=s.coordinator,
                                        num_processes=s.num_processes, process_id=s.process_id,
                                        local_device_ids=[s.process_id if s.device is None
-                                                         else s.device])
+                                                         else s.device], **beat)
         self.devices = sorted(jax.devices(s.platform), key=lambda d: d.id)
         self.num_ranks = len(self.devices)
         self.mesh = Mesh(np.array(self.devices), ("ep",))
@@ -46,11 +49,11 @@ class EPGroup:
     def log(self, *a) -> None:
         print(self.tag, *a, flush=True)
 
-    def new_buffer(self, e, m, h, *, timeout_s=20.0):
+    def new_buffer(self, e, m, h, *, timeout_s=20.0, on_peer_failure="raise"):
         import jax_mscclpp_ep as ep
         return ep.Buffer(ep.EPConfig(num_experts=e, max_tokens_per_rank=m, hidden=h),
                          mesh=self.mesh, axis_name="ep", force_port=self.settings.force_port,
-                         timeout_s=timeout_s)
+                         timeout_s=timeout_s, on_peer_failure=on_peer_failure)
 
     def buffer(self, e, m, h):
         """The group's Buffer of this shape, made on first use and kept for later cases

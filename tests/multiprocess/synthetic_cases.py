@@ -3,6 +3,7 @@ report each by name and rank (a failure, a skip, a hang, a crash) and carry on w
 the rest. No JAX here, so a group of them starts in a second."""
 
 import os
+import signal
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from mp_env import RankSettings
 
 ME = RankSettings.from_env()
 LAST = ME.num_processes - 1
-MODE = os.environ.get("JMEP_MP_SYNTHETIC", "")   # "hang" or "crash": what goes wrong
+MODE = os.environ.get("JMEP_MP_SYNTHETIC", "")   # "hang", "crash" or "sigkill": what goes wrong
 
 
 def test_passes():
@@ -39,3 +40,15 @@ def test_goes_wrong_on_rank_0():
 
 def test_after_the_trouble():
     assert True
+
+
+def test_last_rank_kills_itself():
+    """sigkill: the last rank reports its case and SIGKILLs itself, as a lost rank does; the
+    others go on longer than the launcher's grace after a failure, which must not start."""
+    if MODE != "sigkill":
+        return
+    if ME.process_id == LAST:
+        import case_report
+        case_report.record_exit("killed itself on purpose")
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(5)
