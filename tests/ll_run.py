@@ -56,7 +56,7 @@ def report(config, *, k="", timeout_s=None, wrap="", targets=None) -> int:
         counts[outcome] += 1
         print(f"{ {'passed': 'PASS', 'failed': 'FAIL', 'skipped': 'SKIP'}[outcome]} {short_id(case)}"
               + (f"\n{msg}" if outcome == "failed" else f" ({msg})" if msg else ""), flush=True)
-    ok, msg = exit_verdict(run, clean=config.clean_exit)
+    ok, msg = exit_verdict(run, clean=config.clean_exit, may_die=config.dies)
     if not ok:
         print(f"FAIL exit: {msg}")
     print(f"SUMMARY {config.name}: {counts['passed']} passed, {counts['failed']} failed, "

@@ -22,6 +22,8 @@ def case_params(configs, marks=()):
     out = []
     for c in configs:
         m = [*marks] + ([pytest.mark.slow] if c.slow else [])
+        if c.known_failure:
+            m.append(pytest.mark.xfail(reason=c.known_failure, strict=False))
         why = c.skip_reason()
         if why:
             fail = why.startswith("FAIL: ")
@@ -38,7 +40,9 @@ def case_params(configs, marks=()):
 
 def exit_params(configs, marks=()):
     return [pytest.param(c.name, id=c.name, marks=[*marks] + ([pytest.mark.slow] if c.slow else [])
-                         + ([pytest.mark.skip(reason=c.skip_reason())] if c.skip_reason() else []))
+                         + ([pytest.mark.skip(reason=c.skip_reason())] if c.skip_reason() else [])
+                         + ([pytest.mark.xfail(reason=c.known_failure, strict=False)]
+                            if c.known_failure else []))
             for c in configs]
 
 

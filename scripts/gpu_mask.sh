@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 17 on the one-GPU machine, one device call (carry [".whl"] with the
+# libucx-cu13 wheel): build, then the rank-mask cases with 4 processes sharing
+# GPU 0 (user masks; a rank SIGKILLed mid-loop over memory channels, forced port
+# channels and UCX between two simulated hosts), then regressions of the
+# unmasked paths (dead peer over UCX, LL cases at R = 1).
+#   CFGS (default all mask configurations), REGRESS (LL configs after them).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ JMEP_CUDA_ARCHS=${ARCHS:-90-real}
+export UCX_WARN_UNUSED_ENV_VARS=n
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"
+export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-240}
+CFGS=${CFGS:-"mask_user-one_gpu-mem mask_user-one_gpu-port mask_lost_rank-one_gpu-mem mask_lost_rank-one_gpu-port mask_lost_rank-one_gpu-ucx"}
+REGRESS=${REGRESS:-"dead_peer-one_gpu-ucx dead_peer-one_gpu-mem one_gpu_one_rank-mem"}
+{
+echo "== $(date -u +%T) start"; nvidia-smi -L
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+JMEP_UCX=ON python3 -m pip install --no-build-isolation -q . 2>&1 | grep -v "^WARNING: Running pip" | tail -5
+echo "== $(date -u +%T) built"
+for cfg in $CFGS $REGRESS; do
+  echo "== $(date -u +%T) $cfg"
+  timeout ${CFG_TIMEOUT:-280} python3 tests/ll_run.py $cfg > "$OUT/$cfg.txt" 2>&1
+  echo "exit $?"
+  grep -hE "PASS|FAIL|SUMMARY|survivor|masked|detect" "$OUT/$cfg.txt" "$OUT"/workers/${cfg}_*.log 2>/dev/null \
+    | grep -v "^  File" | head -${N:-16}
+done
+echo "== $(date -u +%T) done"
+} 2>&1 | tee "$OUT/log.txt"
