@@ -65,6 +65,7 @@ def _declare(lib) -> None:
         "jmep_ucx_outstanding": (i64, [vp]),
         "jmep_ucx_last_error": (c.c_char_p, [vp]),
         "jmep_ucx_failed_peer": (c.c_int, [vp]),
+        "jmep_ucx_set_peer_isolation": (c.c_int, [vp, c.c_int]),
         "jmep_ucx_describe": (i64, [vp, c.c_int, c.c_char_p, u64]),
         "jmep_ucx_destroy": (None, [vp]),
     }
@@ -171,6 +172,10 @@ class UcxEndpoint:
 
     def failed_peer(self) -> int:
         return int(self._lib.jmep_ucx_failed_peer(self._h))
+
+    def set_peer_isolation(self, on: bool) -> None:
+        """A failing peer loses only itself (jmep_ucx_set_peer_isolation)."""
+        self._ck(self._lib.jmep_ucx_set_peer_isolation(self._h, int(bool(on))))
 
     def describe(self, peer: int) -> str:
         buf = ctypes.create_string_buffer(8192)

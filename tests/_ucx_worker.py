@@ -460,6 +460,22 @@ def case_cycles(ctx):
 KILL_TIMEOUT_S = 3.0
 
 
+def rounds_until_error(ctx, ep, peer, what):
+    """Put + store + flush towards `peer` (round 2, 3, ...) until a UcxError; returns
+    (the error, the last round). Fails after 60 s without one."""
+    i, t0 = 1, time.monotonic()
+    try:
+        while True:
+            i += 1
+            ep.put(peer, DATA + (i % 16) * 4096, DATA, 4096)
+            ep.store(peer, SEM, i)
+            ep.flush(peer)
+            if time.monotonic() - t0 > 60:
+                raise AssertionError(f"no error 60 s after {what} ({i} rounds)")
+    except ctx.ucx.UcxError as e:
+        return e, i
+
+
 def case_killed(ctx, how="kill"):
     """Rank 1 does one round, then SIGKILLs itself (how="kill": its sockets close, so
     rank 0 can see it at once) or SIGSTOPs itself (how="stop": a hung peer, seen only by
@@ -483,17 +499,7 @@ def case_killed(ctx, how="kill"):
     ep.put(1, DATA, DATA, 4096)
     ep.store(1, SEM, 1)
     ctx.wait_word(ep, ACK, 1, "ack of round 1")
-    err, i, t0 = None, 1, time.monotonic()
-    try:
-        while True:
-            i += 1
-            ep.put(1, DATA + (i % 16) * 4096, DATA, 4096)
-            ep.store(1, SEM, i)
-            ep.flush(1)
-            if time.monotonic() - t0 > 60:
-                raise AssertionError(f"no error 60 s after rank 1's SIG{how.upper()} ({i} rounds)")
-    except ctx.ucx.UcxError as e:
-        err = e
+    err, i = rounds_until_error(ctx, ep, 1, f"rank 1's SIG{how.upper()}")
     t_err = time.monotonic()
     t_kill, pid1 = ctx.wait_file("killed_at").decode().split()
     t_kill = float(t_kill)
@@ -520,6 +526,65 @@ def case_killed(ctx, how="kill"):
     ep.close()
     dt = time.monotonic() - t
     assert dt < 6.0, f"close() took {dt:.1f} s with a {'dead' if how == 'kill' else 'hung'} peer"
+
+
+def case_killed_isolated(ctx):
+    """Peer isolation (what a group that masks lost ranks uses): rank 2 does one round,
+    then SIGKILLs itself. Rank 0 keeps writing to it until a UcxError naming peer 2
+    (within timeout + 1 s); calls towards 2 keep failing, but progress() goes on and
+    a put + signal + flush to rank 1 still arrive (rank 1 checks the bytes); close()
+    stays bounded."""
+    mem = ctx.alloc(1 * MiB)
+    ep = ctx.endpoint(timeout_s=KILL_TIMEOUT_S if ctx.rank == 0 else 20.0)
+    ep.set_peer_isolation(True)
+    ctx.connect_all(ep)
+    if ctx.rank == 2:
+        ctx.wait_word(ep, SEM, 1, "signal of round 1")
+        ep.store(0, ACK, 1)
+        ep.flush(0)
+        ctx.write_file("killed_at", f"{time.monotonic()!r}".encode())
+        print("rank 2: killing myself", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+        raise AssertionError("still running after SIGKILL")
+    if ctx.rank == 1:
+        ctx.wait_word(ep, SEM, 7, "rank 0's signal after rank 2 died")
+        want = fresh_bytes(4096, ctx.seed, 62)
+        assert np.array_equal(mem[DATA:DATA + 4096], want), "rank 0's put after the loss is wrong"
+        ep.store(0, ACK, 7)
+        ep.flush(0)
+        ctx.write_file("done_1", b"")  # the survivors' barrier (rank 2 is gone)
+        ctx.wait_file("done_0", ep)
+        ep.close()
+        return
+    mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 61)
+    ep.put(2, DATA, DATA, 4096)
+    ep.store(2, SEM, 1)
+    ctx.wait_word(ep, ACK, 1, "rank 2's ack of round 1")
+    t_kill = float(ctx.wait_file("killed_at", ep).decode())
+    err, _ = rounds_until_error(ctx, ep, 2, "rank 2's SIGKILL")
+    dt, msg = time.monotonic() - t_kill, str(err)
+    print(f"rank 0: error {dt:.3f} s after the kill: failed_peer()={ep.failed_peer()} {msg!r}",
+          flush=True)
+    assert dt <= KILL_TIMEOUT_S + 1.0, f"error only {dt:.2f} s after the kill: {msg!r}"
+    assert ep.failed_peer() == 2 and re.search(r"\bpeer\s*2\b", msg), msg
+    for name, call in [("put", lambda: ep.put(2, DATA, DATA, 8)), ("flush", lambda: ep.flush(2))]:
+        try:
+            call()
+        except ctx.ucx.UcxError:
+            continue
+        raise AssertionError(f"{name}() towards the lost peer succeeded")
+    ep.progress()  # the worker is fine
+    mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 62)
+    ep.put(1, DATA, DATA, 4096)
+    ep.store(1, SEM, 7)
+    ep.flush(1)
+    ctx.wait_word(ep, ACK, 7, "rank 1's ack after the loss")
+    ctx.write_file("done_0", b"")
+    ctx.wait_file("done_1", ep)
+    t = time.monotonic()
+    ep.close()
+    assert time.monotonic() - t < 6.0, "close() took too long with a dead peer"
 
 
 def case_rma_add_unsupported(ctx):
@@ -560,6 +625,7 @@ CASES = {
     "cycles": (2, case_cycles),
     "killed": (2, case_killed),
     "stopped": (2, lambda ctx: case_killed(ctx, "stop")),
+    "killed_isolated": (3, case_killed_isolated),
 }
 
 

@@ -46,7 +46,7 @@ class LLConfig:
     seed: int = 0                 # 0: a fresh one per run
     heartbeat_s: int = 0          # jax.distributed heartbeat timeout (0: jax's 100 s)
     dies: tuple = ()              # ranks that kill themselves on purpose (SIGKILL)
-    known_failure: str = ""       # why it fails today: its items are xfail (not strict)
+    known_failure: str = ""       # why it may fail (not shown passing): xfail, not strict
 
     def selects(self, case: dict) -> bool:
         """only names a case function (all its parameters: "step"), one case ("step-basic_bf16")
@@ -160,8 +160,8 @@ def gpu_configs():
             gpus=1, gpu=0, force_port=path == "port", ranks_per_host=2 if ucx else 0, ucx=ucx,
             env=UCX_ENV if ucx else (), steps=1000, heartbeat_s=600, dies=(3,),
             known_failure="" if not ucx else (
-                "the port-channel proxy stops driving UCX after one endpoint fails, so the "
-                "survivors lose the other host's live ranks too (issue 17, not finished)")))
+                "failed on the H200 before UCX peer isolation (the proxy stopped driving UCX "
+                "after one endpoint failed); with it, not yet run on a GPU (issue 17)")))
     out += paths(LLConfig("mask_user-one_gpu", files=MASK, only=("mask_user",), nproc=4, gpus=1,
                           gpu=0))
     for layout in HOSTS:

@@ -171,6 +171,13 @@ def test_killed_peer_errors_within_timeout(tmp_path, signals):
 
 
 @pytest.mark.parametrize("signals", SIGNALS)
+def test_killed_peer_isolated(tmp_path, signals):
+    """With peer isolation a SIGKILLed peer is lost alone: the others are still served."""
+    outs = run_case(tmp_path, "killed_isolated", 3, signals, expect_rc={2: -9})
+    assert "killing myself" in outs[2]
+
+
+@pytest.mark.parametrize("signals", SIGNALS)
 def test_hung_peer_errors_within_timeout(tmp_path, signals):
     """A SIGSTOPped peer (no socket closes): flush gives up after timeout_s, naming peer 1."""
     outs = run_case(tmp_path, "stopped", 2, signals, expect_rc={1: -9})

@@ -124,6 +124,10 @@ void Communicator::fail_if_closed() const {
   if (closed_) throw std::runtime_error("Communicator is closed");
 }
 
+void Communicator::set_ucx_peer_isolation(bool on) {
+  if (ucx_) ucx_->set_peer_isolation(on);
+}
+
 void Communicator::enable_ucx(const std::string& lib_path, int signal_mode) {
   fail_if_closed();
   if (connected_) throw std::runtime_error("enable_ucx: already connected");

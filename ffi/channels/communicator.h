@@ -45,6 +45,8 @@ class Communicator {
   // signal_mode: 0 UCX atomics, 1 active messages). Before local_info().
   void enable_ucx(const std::string& lib_path, int signal_mode);
   bool ucx_enabled() const { return ucx_ != nullptr; }
+  // A UCX peer that fails loses only itself (on_peer_failure="mask"); no-op without UCX.
+  void set_ucx_peer_isolation(bool on);
   const std::string& host_id() const { return host_id_; }
   // How the proxy reaches `peer` ("self", "memory", "cuda-ipc", or the UCX
   // endpoint's transports).

@@ -109,10 +109,17 @@ void Proxy::run() {
 
   uint64_t tail = 0;
   uint32_t idle = 0;
-  bool ucx_ok = true;
+  bool ucx_ok = true, ucx_loss_told = false;
+  uint32_t loss_poll = 0;
   while (true) {
     if (ucx_ != nullptr && ucx_ok && ucx_->progress() < 0) {
       ucx_ok = false;  // endpoint error, or a request failed: report once, stop driving it
+      fail("UCX: " + ucx_->error(), ucx_->failed_peer());
+    } else if (ucx_ != nullptr && ucx_ok && !ucx_loss_told && ucx_->peer_isolation() &&
+               ++loss_poll % 256 == 0 && ucx_->failed_peer() >= 0) {
+      // Peer isolation: one peer is lost and the worker serves the others. Say so
+      // once (the kernels then mask that peer) and keep driving UCX.
+      ucx_loss_told = true;
       fail("UCX: " + ucx_->error(), ucx_->failed_peer());
     }
     FifoTrigger* t = slots_ + (tail % fifo_size_);

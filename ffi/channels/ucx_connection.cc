@@ -25,6 +25,7 @@ struct UcxApi {
   decltype(&jmep_ucx_progress) progress;
   decltype(&jmep_ucx_last_error) last_error;
   decltype(&jmep_ucx_failed_peer) failed_peer;
+  decltype(&jmep_ucx_set_peer_isolation) set_peer_isolation;
   decltype(&jmep_ucx_describe) describe;
   decltype(&jmep_ucx_destroy) destroy;
 };
@@ -63,6 +64,7 @@ const UcxApi* load_api(const std::string& path) {
   JMEP_UCX_SYM(progress);
   JMEP_UCX_SYM(last_error);
   JMEP_UCX_SYM(failed_peer);
+  JMEP_UCX_SYM(set_peer_isolation);
   JMEP_UCX_SYM(describe);
   JMEP_UCX_SYM(destroy);
 #undef JMEP_UCX_SYM
@@ -125,6 +127,11 @@ std::string UcxWorker::error() const {
 }
 
 int UcxWorker::failed_peer() const { return api_->failed_peer(u_); }
+
+void UcxWorker::set_peer_isolation(bool on) {
+  api_->set_peer_isolation(u_, on ? 1 : 0);
+  isolated_.store(on, std::memory_order_release);
+}
 
 std::string UcxWorker::describe(int peer) const {
   std::string out(16384, '\0');

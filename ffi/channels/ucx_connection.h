@@ -20,6 +20,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <atomic>
 #include <string>
 
 #include "channels/connection.h"
@@ -45,6 +46,10 @@ class UcxWorker {
   int progress();                                   // < 0 after an error
   std::string error() const;
   int failed_peer() const;
+  // A lost peer loses only itself (jmep_ucx_set_peer_isolation): for a group
+  // that masks lost ranks (on_peer_failure="mask"). Any thread, any time.
+  void set_peer_isolation(bool on);
+  bool peer_isolation() const { return isolated_.load(std::memory_order_acquire); }
   std::string describe(int peer) const;
   const UcxApi& api() const { return *api_; }
   jmep_ucx* handle() const { return u_; }
@@ -58,6 +63,7 @@ class UcxWorker {
   int signal_mode_;
   ProxyStream* ps_;
   bool apply_failed_ = false;
+  std::atomic<bool> isolated_{false};
 };
 
 class UcxConnection : public Connection {

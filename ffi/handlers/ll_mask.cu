@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <stdexcept>
 
+#include "channels/communicator.h"
 #include "channels/error_text.h"
 #include "handlers/ll_entry.cuh"
 #include "handlers/ll_mask.h"
@@ -57,7 +58,11 @@ std::vector<std::shared_ptr<LlEntry>> entries_or_throw(int64_t buffer_id) {
 }  // namespace
 
 void ll_set_peer_failure(int64_t buffer_id, bool mask) {
-  for (auto& e : entries_or_throw(buffer_id)) e->st.mask_on_failure = mask ? 1 : 0;
+  for (auto& e : entries_or_throw(buffer_id)) {
+    e->st.mask_on_failure = mask ? 1 : 0;
+    // A lost UCX peer must not stop the proxy serving the others (they stay in the group).
+    if (e->comm) e->comm->set_ucx_peer_isolation(mask);
+  }
 }
 
 void ll_mask_ranks(int64_t buffer_id, const std::vector<int>& ranks) {

@@ -58,6 +58,10 @@ struct Peer {
   bool flushing = false;
   bool flush_done = false;
   std::vector<Signal> waiting, later;
+  // Peer isolation (jmep_ucx_set_peer_isolation): its endpoint or a request
+  // failed, or it stopped completing; calls towards it fail, the others go on.
+  bool lost = false;
+  int64_t outstanding = 0;  // its requests in flight (a lost peer's may never complete)
 };
 
 // Lives until its request completes (operand words, active-message header).
@@ -99,7 +103,9 @@ struct jmep_ucx {
   int64_t outstanding = 0;
   int64_t held = 0;
   bool closing = false;
-  std::string error;
+  std::string error;       // the worker failed: every call fails
+  std::string lost_error;  // peer isolation: the first peer lost (the worker is fine)
+  bool isolate = false;
   int failed_peer = -1;
   std::recursive_mutex mu;
 };
@@ -120,6 +126,30 @@ int fail_status(jmep_ucx* u, int peer, const char* what, ucs_status_t st) {
                   ": " + ucs_status_string(st));
 }
 
+// A failure that concerns one peer: with peer isolation only that peer is lost,
+// else (the default) the whole worker fails, as any error does.
+int lose(jmep_ucx* u, int peer, const std::string& what) {
+  if (!u->isolate || peer < 0 || peer >= u->nranks) return fail(u, peer, what);
+  Peer& p = u->peers[peer];
+  if (u->lost_error.empty()) u->lost_error = "jmep_ucx rank " + std::to_string(u->rank) + ": " + what;
+  if (u->failed_peer < 0) u->failed_peer = peer;
+  p.lost = true;
+  return -1;
+}
+
+int lose_status(jmep_ucx* u, int peer, const char* what, ucs_status_t st) {
+  return lose(u, peer, std::string(what) + " (peer " + std::to_string(peer) + "): " +
+                           ucs_status_string(st));
+}
+
+// Requests in flight that can still complete (not a lost peer's).
+int64_t live_outstanding(const jmep_ucx* u) {
+  int64_t n = u->outstanding;
+  for (const Peer& p : u->peers)
+    if (p.lost) n -= p.outstanding;
+  return n;
+}
+
 ucs_memory_type_t ucs_mem(int mem_type) {
   return mem_type == JMEP_UCX_MEM_CUDA ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
 }
@@ -137,8 +167,9 @@ void on_done(void* request, ucs_status_t status, void* user_data) {
   Op* op = static_cast<Op*>(user_data);
   jmep_ucx* u = op->owner;
   --u->outstanding;
+  if (op->peer >= 0 && op->peer < u->nranks) --u->peers[op->peer].outstanding;
   if (status != UCS_OK && !(u->closing && status == UCS_ERR_CANCELED))
-    fail_status(u, op->peer, op_name(u, op), status);
+    lose_status(u, op->peer, op_name(u, op), status);
   if (op->kind == kOpFlush) u->peers[op->peer].flush_done = true;
   delete op;
   ucp_request_free(request);
@@ -146,7 +177,7 @@ void on_done(void* request, ucs_status_t status, void* user_data) {
 
 void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
   Peer* p = static_cast<Peer*>(arg);
-  if (!p->owner->closing) fail_status(p->owner, p->index, "endpoint error", status);
+  if (!p->owner->closing) lose_status(p->owner, p->index, "endpoint error", status);
 }
 
 ucs_status_t on_am(void* arg, const void* header, size_t header_length, void*, size_t,
@@ -180,9 +211,10 @@ int finish(jmep_ucx* u, ucs_status_ptr_t p, Op* op) {
     const int peer = op->peer;
     const std::string name = op_name(u, op);
     delete op;
-    return fail_status(u, peer, name.c_str(), UCS_PTR_STATUS(p));
+    return lose_status(u, peer, name.c_str(), UCS_PTR_STATUS(p));
   }
   ++u->outstanding;
+  if (op->peer >= 0 && op->peer < u->nranks) ++u->peers[op->peer].outstanding;
   return 0;
 }
 
@@ -199,9 +231,9 @@ int progress_locked(jmep_ucx* u);
 
 // Back-pressure: too many requests in flight waits (bounded), never drops.
 int make_room(jmep_ucx* u) {
-  if (u->outstanding < kMaxOutstanding) return 0;
+  if (live_outstanding(u) < kMaxOutstanding) return 0;
   const int64_t start = now_ns();
-  while (u->outstanding >= kMaxOutstanding) {
+  while (live_outstanding(u) >= kMaxOutstanding) {
     if (progress_locked(u) < 0) return -1;
     if (u->timeout_ns > 0 && now_ns() - start > u->timeout_ns)
       return fail(u, -1, "timed out with " + std::to_string(u->outstanding) +
@@ -214,7 +246,7 @@ int check_peer(jmep_ucx* u, int peer) {
   if (!u->error.empty()) return -1;
   if (peer < 0 || peer >= u->nranks || u->peers[peer].ep == nullptr)
     return fail(u, peer, "no endpoint to peer " + std::to_string(peer));
-  return 0;
+  return u->peers[peer].lost ? -1 : 0;
 }
 
 int send_signal(jmep_ucx* u, int peer, const Signal& s) {
@@ -274,7 +306,15 @@ int after_flush(jmep_ucx* u, int peer) {
 int progress_locked(jmep_ucx* u) {
   int n = static_cast<int>(ucp_worker_progress(u->worker));
   for (int q = 0; q < u->nranks; ++q) {
-    if (u->peers[q].flush_done) {
+    Peer& p = u->peers[q];
+    if (p.lost) {  // its held-back signals can never go
+      u->held -= static_cast<int64_t>(p.waiting.size() + p.later.size());
+      p.waiting.clear();
+      p.later.clear();
+      p.flushing = p.flush_done = false;
+      continue;
+    }
+    if (p.flush_done) {
       ++n;
       if (after_flush(u, q) < 0) return -1;
     }
@@ -505,20 +545,23 @@ int jmep_ucx_flush(jmep_ucx* u, int peer) {
   // 1. Every held-back signal is sent (their flushes complete as we progress).
   while (u->held > 0) {
     if (progress_locked(u) < 0) return -1;
-    if (expired()) return fail(u, peer, "flush timed out waiting for the peer to complete earlier data");
+    if (expired())
+      return peer >= 0 ? lose(u, peer, "flush timed out waiting for the peer to complete earlier data")
+                       : fail(u, peer, "flush timed out waiting for the peer to complete earlier data");
   }
   // 2. Everything posted (signals included) completes at the target.
   for (int q = 0; q < u->nranks; ++q) {
     if ((peer != -1 && q != peer) || u->peers[q].ep == nullptr) continue;
     Peer& p = u->peers[q];
+    if (p.lost) return -1;  // what was posted to it can no longer complete
     while (p.flushing) {
       if (progress_locked(u) < 0) return -1;
-      if (expired()) return fail(u, q, "flush timed out (peer " + std::to_string(q) + ")");
+      if (expired()) return lose(u, q, "flush timed out (peer " + std::to_string(q) + ")");
     }
     if (start_flush(u, q) < 0) return -1;
     while (p.flushing && !p.flush_done) {
       if (progress_locked(u) < 0) return -1;
-      if (expired()) return fail(u, q, "flush timed out (peer " + std::to_string(q) + ")");
+      if (expired()) return lose(u, q, "flush timed out (peer " + std::to_string(q) + ")");
     }
     if (p.flush_done && after_flush(u, q) < 0) return -1;
   }
@@ -538,7 +581,13 @@ int64_t jmep_ucx_outstanding(jmep_ucx* u) {
 
 const char* jmep_ucx_last_error(jmep_ucx* u) {
   std::lock_guard<std::recursive_mutex> lock(u->mu);
-  return u->error.c_str();
+  return u->error.empty() ? u->lost_error.c_str() : u->error.c_str();
+}
+
+int jmep_ucx_set_peer_isolation(jmep_ucx* u, int on) {
+  std::lock_guard<std::recursive_mutex> lock(u->mu);
+  u->isolate = on != 0;
+  return 0;
 }
 
 int jmep_ucx_failed_peer(jmep_ucx* u) {

@@ -89,6 +89,12 @@ int64_t jmep_ucx_outstanding(jmep_ucx* u);
 const char* jmep_ucx_last_error(jmep_ucx* u);
 int jmep_ucx_failed_peer(jmep_ucx* u);
 
+/* Peer isolation (off by default): a peer's endpoint error, failed request or
+ * flush timeout loses only that peer. Calls towards it then fail, the others go
+ * on, progress stays >= 0, last_error / failed_peer name the first peer lost.
+ * Off: the first error of any kind fails every later call (the worker is done). */
+int jmep_ucx_set_peer_isolation(jmep_ucx* u, int on);
+
 /* Transports the endpoint to `peer` uses (ucp_ep_print_info), into out. Returns
  * the length written (truncated to cap - 1), or -1. */
 int64_t jmep_ucx_describe(jmep_ucx* u, int peer, char* out, uint64_t cap);
