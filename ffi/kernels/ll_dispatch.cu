@@ -317,14 +317,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---------------------------------------------------------------- receive
   // Every local expert at once: a block takes experts blockIdx.x + g * grid, a
-  // group of nwarps / groups warps each (LE <= kLlMaxExperts <= 16 * SMs, so
-  // one pass). Every warp of a group reads the R counts itself and scans them
-  // with shuffles, so no block barrier sits between a count and its rows.
+  // group of nwarps / groups warps each (one pass while LE <= 16 * grid, e.g.
+  // 2112 on an H200; beyond that one warp per expert, in passes). Every warp of a
+  // group reads the R counts itself and scans them with shuffles, so no block
+  // barrier sits between a count and its rows.
   const int groups = recv_experts > 0 ? (recv_experts + gridDim.x - 1) / gridDim.x : 0;
-  const int wpe = groups > 0 ? nwarps / groups : 0;  // warps per expert
-  const int g = wpe > 0 ? warp / wpe : 0, gw = wpe > 0 ? warp % wpe : 0;
-  const int j = blockIdx.x + g * gridDim.x;
-  if (wpe > 0 && g < groups && j < recv_experts) {
+  const int wpe = groups > 0 && groups < nwarps ? nwarps / groups : 1;  // warps per expert
+  const int epp = nwarps / wpe, gw = warp % wpe;  // experts a block takes per pass
+  for (int g = warp / wpe; g < groups && warp / wpe < epp; g += epp) {
+    const int j = blockIdx.x + g * gridDim.x;
+    if (j >= recv_experts) break;
     int cnt[2], incl[2];  // counts of source ranks lane and lane + 32, inclusive prefix
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
