@@ -47,6 +47,14 @@ def median(xs):
     return round(statistics.median(xs), 2) if xs else None
 
 
+def spread(xs):
+    """(10th, 90th percentile): CUPTI medians of one build moved between runs at some T."""
+    if len(xs) < 10:
+        return None, None
+    q = statistics.quantiles(xs, n=10)
+    return round(q[0], 2), round(q[-1], 2)
+
+
 def main():
     a = parse()
     m, h, k, e = map(int, a.shape.split(","))
@@ -81,6 +89,8 @@ def main():
                                    f"combine launches for {a.steps} steps; names: {kt.names()[:20]}")
             row[f"dispatch_{tag}_us"] = median(d)
             row[f"combine_after_{tag}_us"] = median(c)
+            row[f"dispatch_{tag}_p10_p90_us"] = spread(d)
+            row[f"combine_after_{tag}_p10_p90_us"] = spread(c)
             row[f"dispatch_{tag}_globaltimer_us"] = round(gt.get("dispatch_kernel", float("nan")), 2)
             row[f"combine_after_{tag}_globaltimer_us"] = round(gt.get("combine_kernel", float("nan")), 2)
         buf.check()
