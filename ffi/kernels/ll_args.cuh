@@ -147,13 +147,28 @@ __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n
 // asking the FFI handler; such a kernel must touch nothing else (the peers'
 // and the channel layer's memory may be gone), so it counts itself and returns.
 // Every block returns before its first __syncthreads, none waits on another.
-// *mask: the masked peers this call goes by (LlDeviceState::masked).
-__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int32_t* seq,
-                                              unsigned long long* mask) {
+__device__ __forceinline__ bool ll_is_masked(unsigned long long mask, int p) {
+  return (mask >> p) & 1ull;
+}
+
+// The masked ranks a call goes by (LlDeviceState::masked at its start). A
+// masked rank (the group masked us, or the user) exchanges nothing; nobody
+// exchanges with a masked peer.
+struct LlCallMask {
+  unsigned long long bits;
+  bool self_masked;
+  __device__ __forceinline__ bool reachable(int p) const {
+    return !self_masked && !ll_is_masked(bits, p);
+  }
+};
+
+// *mask: the masked ranks this call goes by, for this rank.
+__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int rank, int32_t* seq,
+                                              LlCallMask* mask) {
   unsigned long long v, m;
   asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v), "=l"(m) : "l"(st) : "memory");
   *seq = static_cast<int32_t>(v & 0xffffffffu);  // little-endian: seq, then closed
-  *mask = m;
+  *mask = LlCallMask{m, ll_is_masked(m, rank)};
   if ((v >> 32) == 0) return true;
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&st->closed, 1);
   return false;
@@ -239,10 +254,6 @@ __device__ __forceinline__ bool ll_count_complete(int64_t w) {
   return hi > 0 && (w & 0xffffffffLL) == hi - 1;
 }
 __device__ __forceinline__ int ll_count_of(int64_t w) { return static_cast<int>((w >> 32) - 1); }
-
-__device__ __forceinline__ bool ll_is_masked(unsigned long long mask, int p) {
-  return (mask >> p) & 1ull;
-}
 
 // Mask peer p from this kernel (the first to do so records who and where).
 __device__ __forceinline__ void ll_mask_peer(const LlStatic& s, int p, int phase) {

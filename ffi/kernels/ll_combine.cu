@@ -38,11 +38,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!a.per_slot) w_first = a.topk_weights[int64_t(blockIdx.x) * K + tid];
   }
   int32_t seq;
-  unsigned long long mask;
-  if (!ll_begin_call(s.state, &seq, &mask)) return;  // Buffer closed: a replay after close does nothing
-  // A masked rank (the group masked us, or the user) exchanges nothing.
-  const bool self_masked = ll_is_masked(mask, s.rank);
-  auto reachable = [&](int p) { return !self_masked && !ll_is_masked(mask, p); };
+  LlCallMask mask;
+  // Buffer closed: a replay after close does nothing.
+  if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
@@ -76,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int cnt = static_cast<int>(lr[g] & 0xffffffff);
       // A handle from elsewhere must not make us write out of bounds.
       if (q >= send_blocks || cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
-      if (q < send_blocks && !reachable(q % R)) cnt = 0;  // a masked rank gets no rows
+      if (q < send_blocks && !mask.reachable(q % R)) cnt = 0;  // a masked rank gets no rows
       first[g + 1] = first[g] + cnt;
       any_port |= q < send_blocks && s.peer_kind[q % R] == kLlPort;
     }
@@ -135,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
-      if (!reachable(r)) {
+      if (!mask.reachable(r)) {
         // nothing to signal
       } else if (s.peer_kind[r] == kLlPort) {
         __threadfence_system();
@@ -158,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int ok = -1;
       // A masked owner's slot, or one whose owner was lost during this wait,
       // contributes zero; the token's other slots still reduce.
-      if (e >= 0 && e < E && reachable(static_cast<int>(e / LE))) {
+      if (e >= 0 && e < E && mask.reachable(static_cast<int>(e / LE))) {
         const int64_t v = ll_wait_peer(s, s.local + L.combine_flag(half, e, E),
                                        [](int64_t w) { return w > 0; }, static_cast<int>(e / LE),
                                        kPhaseCombineRecv);
@@ -224,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // dispatch and have its count wiped by that late clear.
   for (int e = blockIdx.x * blockDim.x + tid; e < (a.phases & kLlPhaseRecv ? E : 0);
        e += gridDim.x * blockDim.x) {
-    if (reachable(e / LE))
+    if (mask.reachable(e / LE))
       ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, e / LE,
                    kPhaseCombineRecv);
   }

@@ -48,11 +48,11 @@ __device__ __forceinline__ void ll_count_add(const LlStatic& s, int p, int64_t a
 // another rank has, we take as well (from the next call on). Reports only
 // ever add bits, so a late one is harmless; masked peers' reports are not
 // read. One warp of one block, off the critical path.
-__device__ void ll_exchange_mask_reports(const LlStatic& s, unsigned long long mask,
-                                         bool self_masked) {
+__device__ void ll_exchange_mask_reports(const LlStatic& s, const LlCallMask& call) {
   const LlLayout& L = s.layout;
   const int lane = threadIdx.x & 31, R = s.nranks;
-  if (self_masked) return;
+  if (call.self_masked) return;
+  const unsigned long long mask = call.bits;
   if (mask != 0) {
     if (lane == 0) {
       *reinterpret_cast<volatile unsigned long long*>(s.local + L.mask_word(R)) = mask;
@@ -127,11 +127,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0) ids(blockIdx.x, &e0, &w0);
   }
   int32_t seq;
-  unsigned long long mask;
-  if (!ll_begin_call(s.state, &seq, &mask)) return;  // Buffer closed: a replay after close does nothing
-  // A masked rank (the group masked us, or the user) exchanges nothing.
-  const bool self_masked = ll_is_masked(mask, s.rank);
-  auto reachable = [&](int p) { return !self_masked && !ll_is_masked(mask, p); };
+  LlCallMask mask;
+  // Buffer closed: a replay after close does nothing.
+  if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
   const int half = seq & 1, prev = half ^ 1;
   int32_t* slot_ctr = s.slot_ctr + (seq & 1) * E;  // this call's row
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
@@ -154,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
-      if (e >= 0 && e < E && !reachable(static_cast<int>(e / LE))) {
+      if (e >= 0 && e < E && !mask.reachable(static_cast<int>(e / LE))) {
         if (!weighted) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
       } else if (e >= 0 && e < E) {
         if (!dup) {
@@ -190,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < kLlMaxTopk; ++k) {
           if (k >= K) break;
           ev[k] = ll_load_idx(a.topk_idx, int64_t(t) * K + k, a.idx64);
-          bool fresh = ev[k] >= 0 && ev[k] < E && reachable(static_cast<int>(ev[k] / LE));
+          bool fresh = ev[k] >= 0 && ev[k] < E && mask.reachable(static_cast<int>(ev[k] / LE));
 #pragma unroll
           for (int k2 = 0; k2 < k; ++k2) fresh &= ev[k2] != ev[k];
           if (fresh) atomicAdd(&s_hist[ev[k]], 1);
@@ -304,12 +302,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int p = e / LE, j = e % LE;
     // Cleared for a masked peer too, so its words are clean if it is unmasked.
     ll_clean_prev(s, prev, j, p);
-    if (!reachable(p)) continue;
+    if (!mask.reachable(p)) continue;
     ll_count_add(s, p, L.dispatch_counter(half, j, s.rank, R), kLlEmptyCount, true);
   }
 
   if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && warp == nwarps - 1)
-    ll_exchange_mask_reports(s, mask, self_masked);
+    ll_exchange_mask_reports(s, mask);
 
   __syncthreads();
   if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
@@ -332,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       const int r = lane + 32 * h;
       cnt[h] = 0;
-      if (r < R && reachable(r)) {
+      if (r < R && mask.reachable(r)) {
         const int64_t v = ll_wait_peer(s, s.local + L.dispatch_counter(half, j, r, R),
                                        [](int64_t w) { return ll_count_complete(w); }, r,
                                        kPhaseDispatchRecv);
