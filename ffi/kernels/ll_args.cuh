@@ -291,6 +291,20 @@ __device__ __forceinline__ int64_t ll_wait_peer(const LlStatic& s, const char* w
   });
 }
 
+// An add on peer p's signal word at `at` (a dispatch count, a combine flag): a
+// system-scope release for a direct peer; for a port peer a fence when asked
+// (our clears and staged bytes before the trigger) and an add the proxy
+// performs after the puts pushed before it on that channel.
+__device__ __forceinline__ void ll_signal_add(const LlStatic& s, int p, int64_t at, int64_t delta,
+                                              bool fence_port) {
+  if (s.peer_kind[p] == kLlPort) {
+    if (fence_port) __threadfence_system();
+    ll_port_add(s.handles, p, at, delta);
+  } else {
+    ll_direct_add(s.peer_base[p], at, delta);
+  }
+}
+
 // Clear the previous call's signal words for pair (local expert j, peer p):
 // our counter written by p for j, and our flag for p's expert j. Done by the
 // thread that then signals p, so p cannot write them again before it sees

@@ -133,14 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
-      if (!mask.reachable(r)) {
-        // nothing to signal
-      } else if (s.peer_kind[r] == kLlPort) {
-        __threadfence_system();
-        ll_port_add(s.handles, r, flag, 1);
-      } else {
-        ll_direct_add(s.peer_base[r], flag, 1);
-      }
+      if (mask.reachable(r)) ll_signal_add(s, r, flag, 1, true);
     }
   }
 

@@ -27,20 +27,6 @@ namespace {
 
 constexpr int kThreads = 512;
 
-// The count word's add for one message (or for "none"): a system-scope release
-// for a direct peer; for a port peer a fence (our clears and staged bytes
-// before the trigger) and an add the proxy performs after the puts pushed
-// before it on that channel.
-__device__ __forceinline__ void ll_count_add(const LlStatic& s, int p, int64_t at, int64_t delta,
-                                             bool fence_port) {
-  if (s.peer_kind[p] == kLlPort) {
-    if (fence_port) __threadfence_system();
-    ll_port_add(s.handles, p, at, delta);
-  } else {
-    ll_direct_add(s.peer_base[p], at, delta);
-  }
-}
-
 // Rank masks agree across the group (issue 17): once a rank has masked peers,
 // every dispatch's send phase stores its mask into each reachable peer's
 // report word for it (a port peer gets it by a put from our stage word), and
@@ -284,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           ll_port_add(s.handles, p, s_off[tid] + 8,
                       static_cast<int64_t>(__float_as_uint(s_wt[tid])));
       }
-      ll_count_add(s, p, L.dispatch_counter(half, j, s.rank, R), ll_count_delta(slot, s_hist[e]),
-                   slot == 0);
+      ll_signal_add(s, p, L.dispatch_counter(half, j, s.rank, R), ll_count_delta(slot, s_hist[e]),
+                    slot == 0);
     }
     __syncthreads();
   }
@@ -303,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Cleared for a masked peer too, so its words are clean if it is unmasked.
     ll_clean_prev(s, prev, j, p);
     if (!mask.reachable(p)) continue;
-    ll_count_add(s, p, L.dispatch_counter(half, j, s.rank, R), kLlEmptyCount, true);
+    ll_signal_add(s, p, L.dispatch_counter(half, j, s.rank, R), kLlEmptyCount, true);
   }
 
   if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && warp == nwarps - 1)
