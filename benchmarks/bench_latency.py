@@ -84,9 +84,14 @@ def main():
                 jax.block_until_ready(f(x, idx, w, y))
             gt = st.timing(reset=True)
             d, c = kt.durations_us("ll_dispatch_kernel"), kt.durations_us("ll_combine_kernel")
+            if t == tokens[0]:
+                print(f"{tag}: events per trace process: {kt.where('ll_dispatch_kernel')}", flush=True)
             if len(d) < a.steps or len(c) < a.steps:
                 raise RuntimeError(f"T={t} {tag}: the trace holds {len(d)} dispatch and {len(c)} "
-                                   f"combine launches for {a.steps} steps; names: {kt.names()[:20]}")
+                                   f"combine launches for {a.steps} steps; where: "
+                                   f"{kt.where('ll_dispatch_kernel')}; names: {kt.names()[:20]}")
+            row[f"dispatch_{tag}_raw_us"] = d
+            row[f"combine_after_{tag}_raw_us"] = c
             row[f"dispatch_{tag}_us"] = median(d)
             row[f"combine_after_{tag}_us"] = median(c)
             row[f"dispatch_{tag}_p10_p90_us"] = spread(d)
@@ -95,7 +100,7 @@ def main():
             row[f"combine_after_{tag}_globaltimer_us"] = round(gt.get("combine_kernel", float("nan")), 2)
         buf.check()
         out["sweep"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_raw_us")}), flush=True)
     buf.close()
     if a.out:
         with open(a.out + ".json", "w") as f:

@@ -4,13 +4,17 @@ Needs a build with the probes compiled in:
   CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJMEP_LL_PROBES" python3 -m pip install --no-build-isolation .
 Runs a jitted loop of dispatch(fp8) + combine steps per shape and prints, for each
 kernel, the mean time (µs, from the first block's start) at which the last block
-passed each probe:
+passed each phase probe:
   dispatch: 0 all blocks running (since issue 14: messages counted, first slots claimed),
             1 tokens sent (with their counts), 2 counts published, 3 rows received
   combine:  0 all blocks running, 1 rows sent + flags, 2 tokens reduced, 3 every flag seen
+then the last thread at each event probe (no barrier):
+  dispatch: 4 a signal add begins, 5 it returned, 6 a count with rows seen, 7 a row copied
+  combine:  4 a flag add begins, 5 it returned, 6 a token's flag seen, 7 a token reduced
 plus the kernel's total (to its last block's end).
 
-  python3 benchmarks/phase_probes.py [--shapes "T,H,K,E;..."] [--steps 200]
+  python3 benchmarks/phase_probes.py [--shapes "T,H,K,E[,M];..."] [--steps 200]
+(M, the Buffer's tokens per rank, defaults to T; bench_latency uses M = 128.)
 """
 
 from __future__ import annotations
@@ -29,18 +33,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 import jax_mscclpp_ep as ep  # noqa: E402
 from jax_mscclpp_ep.native import ext as _ep  # noqa: E402
 
-PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows received"),
-          "combine": ("running", "rows sent", "tokens reduced", "flags seen")}
+PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows received",
+                       "| add begins", "add returned", "count seen", "row copied"),
+          "combine": ("running", "rows sent", "tokens reduced", "flags seen",
+                      "| add begins", "add returned", "flag seen", "reduced")}
 
 
-def run_shape(mesh, t, h, k, e, steps, force_port):
+def run_shape(mesh, t, h, k, e, m, steps, force_port):
     r = mesh.size
     rng = np.random.default_rng(0)
     x = rng.standard_normal((r, t, h)).astype(jnp.bfloat16)
     idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(t)]) for _ in range(r)])
     w = rng.uniform(0.1, 1.0, (r, t, k)).astype(np.float32)
     put = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, P("ep")))
-    buf = ep.Buffer(ep.EPConfig(e, t, h), mesh=mesh, axis_name="ep", force_port=force_port)
+    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, axis_name="ep", force_port=force_port)
 
     def body(xs, ids, ws):
         xs, ids, ws = xs[0], ids[0], ws[0]
@@ -64,12 +70,13 @@ def run_shape(mesh, t, h, k, e, steps, force_port):
     rows = [list(_ep.ll_timing(buf.id, d, False)) for d in devs]
     buf.close()
     out = {}
-    for kind, (ci, pi) in (("dispatch", (0, 6)), ("combine", (3, 10))):
+    n = (len(rows[0]) - 6) // 2  # probes per kernel (ll_timing: 6 words, then both kernels')
+    for kind, (ci, pi) in (("dispatch", (0, 6)), ("combine", (3, 6 + n))):
         calls = sum(rw[ci] for rw in rows)
-        if len(rows[0]) < 14 or not calls:
+        if n < 4 or not calls:
             return None
         total = sum(rw[ci + 2] for rw in rows) / calls / 1e3
-        probes = [sum(rw[pi + i] for rw in rows) / calls / 1e3 for i in range(4)]
+        probes = [sum(rw[pi + i] for rw in rows) / calls / 1e3 for i in range(n)]
         out[kind] = (probes, total)
     return out
 
@@ -83,14 +90,15 @@ def main():
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     print(f"{mesh.size}x {jax.devices()[0].device_kind}, µs from the kernel's first block start")
     for spec in a.shapes.split(";"):
-        t, h, k, e = map(int, spec.split(","))
-        res = run_shape(mesh, t, h, k, e, a.steps, a.force_port)
+        t, h, k, e, *m = map(int, spec.split(","))
+        m = m[0] if m else t
+        res = run_shape(mesh, t, h, k, e, m, a.steps, a.force_port)
         if res is None:
             print("no probe data: build with -DJMEP_LL_PROBES (see the docstring)")
             return
         for kind, (probes, total) in res.items():
             cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(PROBES[kind], probes))
-            print(f"T={t} H={h} K={k} E={e} {kind:8s}: {cells}; end {total:.1f}")
+            print(f"T={t} M={m} H={h} K={k} E={e} {kind:8s}: {cells}; end {total:.1f}")
 
 
 if __name__ == "__main__":

@@ -80,15 +80,18 @@ def main():
     ap.add_argument("runs", nargs="+", help="bench_latency.py JSON files, oldest first")
     ap.add_argument("--anchor", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--note", default="", help="a paragraph put under the title (e.g. what the runs are)")
     a = ap.parse_args()
     runs = [json.load(open(p)) for p in a.runs]
+    for run in runs:  # per-launch durations stay in the raw run files
+        run["sweep"] = [{k: v for k, v in row.items() if not k.endswith("_raw_us")} for row in run["sweep"]]
     anchor = json.load(open(a.anchor))
     last = runs[-1]
     sh = last["shape"]
     md = [f"# LL latency vs tokens per rank on 1x {last['device_kind']} (jax {last['jax']}), R = 1",
           "", f"Shape M={sh['M']} H={sh['H']} K={sh['K']} E={sh['E']}; {last['metric']}; "
           f"{last['steps']} steps per (T, dtype). DeepEP: {anchor['what']} ({anchor['metric']}).",
-          "", *table(anchor, runs), "", "Goals (issue 14), on the last run:", *goal_lines(anchor, last)]
+          *(["", a.note] if a.note else []), "", *table(anchor, runs), "", "Goals (issue 14), on the last run:", *goal_lines(anchor, last)]
     gl = ["", "The kernels' own %globaltimer means (us), last run:", "",
           "| T | dispatch fp8 | dispatch bf16 | combine |", "|---|---|---|---|"]
     for row in sorted(last["sweep"], key=lambda r: r["T"]):

@@ -5,6 +5,10 @@
 # %globaltimer, T sweep), phase_probes at T = 1 and 128, ncu at T = 1 and 128.
 #   STAGES="build test bench probes ncu" (default all; "build" builds what the others
 #   need); ARCHS (default 90-real). "new" is installed for the tests too.
+#   OLDER="start" also benchmarks .whl/start.tar (+ .whl/start.commit), e.g. the
+#   commit before the work, as label "start".
+#   VARIANTS="r12:-DJMEP_LL_COPY_ROUND=12 ..." also builds this tree with those CUDA
+#   flags as variant new-r12 (benchmarked after "new", label after-r12).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
@@ -16,13 +20,17 @@ site() { [[ $1 == new ]] && echo "" || echo /tmp/site-$1; }  # new: the installe
 {
 echo "== $(date -u +%T) start; stages: $STAGES"; nvidia-smi -L
 if [[ $STAGES == *build* ]]; then
-  rm -rf /tmp/base && mkdir -p /tmp/base && tar -xf .whl/base.tar -C /tmp/base
-  echo "base: $(cat .whl/base.commit 2>/dev/null)"
-  want="new"; [[ $STAGES == *bench* || $STAGES == *ncu* ]] && want="$want base"
+  for b in base ${OLDER:-}; do
+    rm -rf /tmp/$b && mkdir -p /tmp/$b && tar -xf .whl/$b.tar -C /tmp/$b
+    echo "$b: $(cat .whl/$b.commit 2>/dev/null)"
+  done
+  want="new"; [[ $STAGES == *bench* || $STAGES == *ncu* ]] && want="$want base ${OLDER:-}"
   [[ $STAGES == *probes* ]] && want="$want base-probes new-probes"
+  for vf in ${VARIANTS:-}; do want="$want new-${vf%%:*}"; done
   for v in $want; do
-    src=$REPO; [[ $v == base* ]] && src=/tmp/base
+    src=$REPO; [[ $v != new* ]] && src=/tmp/${v%-probes}
     flags=""; [[ $v == *probes ]] && flags="-DCMAKE_CUDA_FLAGS=-DJMEP_LL_PROBES"
+    for vf in ${VARIANTS:-}; do [[ $v == new-${vf%%:*} ]] && flags="-DCMAKE_CUDA_FLAGS=${vf#*:}"; done
     target=""; [[ $v != new ]] && { rm -rf "$(site $v)"; target="--target $(site $v)"; }
     rm -rf "$src/build"
     (cd "$src" && CMAKE_ARGS="$flags" python3 -m pip install --no-build-isolation --no-deps -q \
@@ -38,21 +46,25 @@ if [[ $STAGES == *test* ]]; then
 fi
 if [[ $STAGES == *sanitize* ]]; then
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  for tool in memcheck racecheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
     for cfg in ${SAN_CFGS:-one_gpu_one_rank-mem one_gpu_one_rank-port}; do
       echo "== $(date -u +%T) compute-sanitizer $tool: $cfg"
-      timeout 200 python3 tests/ll_run.py $cfg -k "${SANK:-basic_fp8 or dups_and_bad_ids or t_less_than_m or split_halves}" \
-        --wrap "$CS --tool $tool --error-exitcode 9 --log-file $OUT/${tool}_$cfg.txt" \
-        > "$OUT/${tool}_${cfg}_worker.txt" 2>&1
-      echo "exit $?"; grep -hE "passed|failed" "$OUT/${tool}_${cfg}_worker.txt" | tail -2
-      tail -2 "$OUT/${tool}_$cfg.txt"
+      for v in ${SAN_V:-new}; do  # SAN_V="base new": base's build too (PYTHONPATH)
+        tag=${tool}_${cfg}_$v
+        PYTHONPATH=$(site $v) JMEP_LL_LOG_DIR=$OUT/san_$tag timeout 200 python3 tests/ll_run.py $cfg \
+          -k "${SANK:-basic_fp8 or dups_and_bad_ids or t_less_than_m or split_halves}" \
+          --wrap "$CS --tool $tool --error-exitcode 9 --log-file $OUT/$tag.txt" > "$OUT/${tag}_worker.txt" 2>&1
+        echo "$v exit $?"; grep -hE "passed|failed" "$OUT/${tag}_worker.txt" | tail -2
+        tail -2 "$OUT/$tag.txt"
+        grep -h -B2 -A12 "Fatal Python\|Segmentation" "$OUT"/san_$tag/*.log 2>/dev/null | head -40
+      done
     done
   done
 fi
 if [[ $STAGES == *bench* ]]; then
-  for v in base new; do
+  for v in ${OLDER:-} base new $(for vf in ${VARIANTS:-}; do echo new-${vf%%:*}; done); do
     echo "== $(date -u +%T) bench_latency: $v"
-    label=before; [[ $v == new ]] && label=after
+    label=before; [[ $v == new* ]] && label=after${v#new}; [[ $v == start ]] && label=start
     (cd /tmp && PYTHONPATH=$(site $v) timeout 280 python3 "$REPO/benchmarks/bench_latency.py" \
       --label $label --out "$OUT/latency_$label" 2>&1 | tail -12)
   done
@@ -61,7 +73,7 @@ if [[ $STAGES == *probes* ]]; then
   for v in base new; do
     echo "== $(date -u +%T) phase probes: $v"
     (cd /tmp && PYTHONPATH=$(site $v-probes) timeout 120 python3 "$REPO/benchmarks/phase_probes.py" \
-      --shapes "1,7168,8,256;128,7168,8,256" 2>&1 | tail -14)
+      --shapes "${PROBE_SHAPES:-1,7168,8,256,128;128,7168,8,256,128}" 2>&1 | tail -14)
   done
 fi
 if [[ $STAGES == *ncu* ]]; then

@@ -297,8 +297,9 @@ std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
   LlDeviceState st{};
   ll_cuda_check(cudaMemcpy(&st, e->st.state, sizeof(st), cudaMemcpyDeviceToHost), "read LL state");
   if (reset) {
-    const size_t off = offsetof(LlDeviceState, sum_send_ns);
-    ll_cuda_check(cudaMemset(reinterpret_cast<char*>(e->st.state) + off, 0, sizeof(st) - off),
+    // The timing words only: mask_by / mask_phase after them are the mask's record.
+    const size_t off = offsetof(LlDeviceState, sum_send_ns), end = offsetof(LlDeviceState, mask_by);
+    ll_cuda_check(cudaMemset(reinterpret_cast<char*>(e->st.state) + off, 0, end - off),
                   "reset timing");
     ll_cuda_check(cudaDeviceSynchronize(), "reset timing");
   }

@@ -12,7 +12,9 @@
 
 namespace jmep {
 
-constexpr int kLlProbes = 4;
+// Probes 0..3 are phase probes (ll_probe: the last block past a barrier), 4..7
+// event probes (ll_probe_at: the last thread at a point, no barrier).
+constexpr int kLlProbes = 8;
 
 // Per-buffer device state. seq's low bit selects the half of the current call;
 // the last block of each call bumps it (so the host never touches it).
@@ -115,30 +117,42 @@ struct LlCombineArgs {
   bool per_slot;
 };
 
-// One warp copies n 16-byte vectors, eight (then four) loads in flight per lane:
-// a plain load-store loop waits out one memory latency per vector, and the
-// copies here are latency-bound (a few rows per block). kCacheGlobal: the
-// source was written by peers during this kernel (skip L1); else read-only.
+// One warp copies n 16-byte vectors in rounds of up to 8 a lane (a bf16 row
+// of 7168 channels is 28 a lane, fp8 14), every load of a round issued before
+// its first store: the copies here are latency-bound (a few rows per block),
+// so a copy costs one memory latency per round. (A tail loop of load-store
+// pairs costs one per vector: the compiler may not move a load above a store
+// that might alias it.) dst() is asked for the destination once the first round's
+// loads are in flight, so a load it needs (e.g. the row's token id) overlaps
+// them; null means "store nothing". kCacheGlobal: the source was written by
+// peers during this kernel (skip L1); else read-only.
+#ifndef JMEP_LL_COPY_ROUND
+#define JMEP_LL_COPY_ROUND 8  // 16 and 12 were no faster on the H200 (and spill in dispatch)
+#endif
+constexpr int kLlCopyRound = JMEP_LL_COPY_ROUND;
+template <bool kCacheGlobal, typename Dst>
+__device__ __forceinline__ void ll_warp_copy_late(const uint4* src, int n, int lane, Dst dst) {
+  uint4* d = nullptr;
+  for (int b = 0; b < n; b += 32 * kLlCopyRound) {
+    uint4 v[kLlCopyRound];
+#pragma unroll
+    for (int u = 0; u < kLlCopyRound; ++u) {
+      const int c = b + lane + 32 * u;
+      if (c < n) v[u] = kCacheGlobal ? __ldcg(src + c) : __ldg(src + c);
+    }
+    if (b == 0) d = dst();
+    if (d == nullptr) return;
+#pragma unroll
+    for (int u = 0; u < kLlCopyRound; ++u) {
+      const int c = b + lane + 32 * u;
+      if (c < n) d[c] = v[u];
+    }
+  }
+}
+
 template <bool kCacheGlobal>
 __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n, int lane) {
-  auto load = [](const uint4* p) { return kCacheGlobal ? __ldcg(p) : __ldg(p); };
-  int c = lane;
-  for (; c + 224 < n; c += 256) {
-    uint4 v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = load(src + c + 32 * u);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) dst[c + 32 * u] = v[u];
-  }
-  for (; c + 96 < n; c += 128) {
-    const uint4 v0 = load(src + c), v1 = load(src + c + 32), v2 = load(src + c + 64),
-                v3 = load(src + c + 96);
-    dst[c] = v0;
-    dst[c + 32] = v1;
-    dst[c + 64] = v2;
-    dst[c + 96] = v3;
-  }
-  for (; c < n; c += 32) dst[c] = load(src + c);
+  ll_warp_copy_late<kCacheGlobal>(src, n, lane, [dst]() { return dst; });
 }
 
 // Every LL kernel's first read: the call's seq, or false when the Buffer was
@@ -192,6 +206,18 @@ __device__ __forceinline__ void ll_probe(LlDeviceState* st, int i) {
 #if defined(JMEP_LL_PROBES)
   __syncthreads();
   if (threadIdx.x == 0) atomicMax(&st->probe_max[i], static_cast<unsigned long long>(globaltimer_ns()));
+#else
+  (void)st, (void)i;
+#endif
+}
+
+// Event probe i: lane 0 of the calling warp records when it got here (no
+// barrier, so a warp's own critical path is measured without being changed;
+// one atomic per warp, so the probe's own traffic stays small).
+__device__ __forceinline__ void ll_probe_at(LlDeviceState* st, int i) {
+#if defined(JMEP_LL_PROBES)
+  if ((threadIdx.x & 31) == 0)
+    atomicMax(&st->probe_max[i], static_cast<unsigned long long>(globaltimer_ns()));
 #else
   (void)st, (void)i;
 #endif

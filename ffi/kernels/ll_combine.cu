@@ -37,13 +37,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     e_first = ll_load_idx(a.topk_idx, int64_t(blockIdx.x) * K + tid, a.idx64);
     if (!a.per_slot) w_first = a.topk_weights[int64_t(blockIdx.x) * K + tid];
   }
+  const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
+  // The first pass's handle entries too: its row offsets (then the rows' token
+  // ids and bytes) are the send's chain of dependent loads.
+  int64_t lr_first[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    const int q = blockIdx.x + g * gridDim.x;
+    lr_first[g] = q < send_blocks ? a.layout_range[q] : 0;
+  }
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
   if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
-  const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
   const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
   ll_reset_next_slots(s, seq);
   const int nvec = H / 8;  // 16-byte vectors per bf16 row
@@ -62,7 +70,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int q = q0 + g * gridDim.x;
-      lr[g] = q < send_blocks ? a.layout_range[q] : 0;
+      lr[g] = q0 == static_cast<int>(blockIdx.x) ? lr_first[g]
+              : q < send_blocks                   ? a.layout_range[q]
+                                                  : 0;
     }
     int first[kGroup + 1];
     bool any_port = false;
@@ -103,13 +113,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       int64_t row;
       locate(i, &q, &row);
       const int j = q / R, r = q % R;
+      if (n <= 0) continue;
       const int tok = a.src_info[row];
-      if (tok < 0 || tok >= M || n <= 0) continue;
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
-      char* base = s.peer_kind[r] == kLlPort
-                       ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
-                       : s.peer_base[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
-      ll_warp_copy<false>(reinterpret_cast<uint4*>(base) + c0, src, n, lane);
+      // The row's token id picks the destination; its bytes load meanwhile.
+      ll_warp_copy_late<false>(src, n, lane, [&]() -> uint4* {
+        if (tok < 0 || tok >= M) return nullptr;
+        char* base = s.peer_kind[r] == kLlPort
+                         ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
+                         : s.peer_base[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
+        return reinterpret_cast<uint4*>(base) + c0;
+      });
     }
     if (any_port) {
       __threadfence_system();  // staged rows visible to the proxy's copy engine
@@ -133,7 +147,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
       const int64_t flag = L.combine_flag(half, s.rank * LE + j, E);
+      ll_probe_at(s.state, 4);  // a flag's add begins
       if (mask.reachable(r)) ll_signal_add(s, r, flag, 1, true);
+      ll_probe_at(s.state, 5);  // ... and returned (the release fence waited for the rows)
     }
   }
 
@@ -154,6 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                        [](int64_t w) { return w > 0; }, static_cast<int>(e / LE),
                                        kPhaseCombineRecv);
         if (v != 0) ok = static_cast<int>(e);
+        ll_probe_at(s.state, 6);  // a token's flag seen
       }
       s_exp[tid] = ok;
       s_w[tid] = a.per_slot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
@@ -171,40 +188,52 @@ __global__ void __launch_bounds__(kThreads, 1)
       continue;
     }
     uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * row_bytes);
-    for (int c = tid; c < nvec; c += blockDim.x) {
-      float acc[8];
+    // Two columns a thread (c0 and c0 + blockDim.x: a 7168-channel row is 896
+    // vectors) and eight slots at a time: sixteen loads issued together, then
+    // added in slot order, one memory latency per round.
+    for (int c0 = tid; c0 < nvec; c0 += 2 * blockDim.x) {
+      const int c1 = c0 + blockDim.x;
+      float acc[2][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-      // Eight slots' loads issued together, then added in slot order: one memory
-      // latency per eight slots instead of one per slot.
+      for (int i = 0; i < 8; ++i) acc[0][i] = acc[1][i] = 0.f;
       for (int k0 = 0; k0 < K; k0 += 8) {
-        uint4 v[8];
+        uint4 v[2][8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           const int e = k0 + u < K ? s_exp[k0 + u] : -1;
-          v[u] = e < 0 ? make_uint4(0u, 0u, 0u, 0u)
-                       : __ldcg(reinterpret_cast<const uint4*>(
-                                    s.local + L.combine_slot(half, e, t, M)) + c);
+          const uint4* row =
+              reinterpret_cast<const uint4*>(s.local + L.combine_slot(half, e < 0 ? 0 : e, t, M));
+          v[0][u] = e < 0 ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c0);
+          v[1][u] = e < 0 || c1 >= nvec ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c1);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           if (k0 + u >= K || s_exp[k0 + u] < 0) continue;
-          const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
           const float w = s_w[k0 + u];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 f = __bfloat1622float2(h2[i]);
-            acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(f.x, w));
-            acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(f.y, w));
+          for (int h = 0; h < 2; ++h) {
+            const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v[h][u]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 f = __bfloat1622float2(h2[i]);
+              acc[h][2 * i] = __fadd_rn(acc[h][2 * i], __fmul_rn(f.x, w));
+              acc[h][2 * i + 1] = __fadd_rn(acc[h][2 * i + 1], __fmul_rn(f.y, w));
+            }
           }
         }
       }
-      uint4 o;
-      __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) o2[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-      out[c] = o;
+      for (int h = 0; h < 2; ++h) {
+        const int c = h == 0 ? c0 : c1;
+        if (c >= nvec) continue;
+        uint4 o;
+        __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) o2[i] = __floats2bfloat162_rn(acc[h][2 * i], acc[h][2 * i + 1]);
+        out[c] = o;
+      }
     }
+    ll_probe_at(s.state, 7);  // a thread's part of the token reduced
     __syncthreads();
   }
 

@@ -2,7 +2,8 @@
 //  count:   every block counts each destination expert's messages (its
 //           distinct in-range experts per token) into shared memory, while its
 //           first token's row is loading.
-//  send:    block per token; claim a slot per destination expert (atomic on
+//  send:    block per token, or at small T a token's messages spread over
+//           G blocks (ll_send_split); claim a slot per destination expert (atomic on
 //           this GPU), cast to fp8 if asked, store the message straight into
 //           the peer's receive slot (memory/self) or stage it and push a put
 //           (port); then one atomic add per message on the destination's count
@@ -26,6 +27,21 @@ namespace jmep {
 namespace {
 
 constexpr int kThreads = 512;
+#ifndef JMEP_LL_MAX_SPLIT
+#define JMEP_LL_MAX_SPLIT 8  // -DJMEP_LL_MAX_SPLIT=1: one block per token at every T
+#endif
+
+// Blocks per token (G): with fewer tokens than blocks, G blocks share a token,
+// each storing the direct messages k with k % G == its part. One block then
+// stores a G-th of the token's bytes, and its release-adds wait for only
+// those: at T = 1 (K = 8) that is 7 KB instead of 57 KB behind each fence.
+// Port messages stay with the token's first block (part 0), which alone
+// stages the token's bytes, so the staged copy has one writer.
+__device__ __forceinline__ int ll_send_split(int tokens, int topk, int grid) {
+  if (tokens <= 0) return 1;
+  const int g = grid / tokens;
+  return max(1, min(min(topk, g), JMEP_LL_MAX_SPLIT));
+}
 
 // Rank masks agree across the group (issue 17): once a rank has masked peers,
 // every dispatch's send phase stores its mask into each reachable peer's
@@ -83,6 +99,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   const int send_tokens = (a.phases & kLlPhaseSend) ? T : 0;
+  // Send units: unit u is part u % G of token u / G (G == 1: a block per token).
+  const int G = ll_send_split(send_tokens, K, gridDim.x), units = send_tokens * G;
   const int send_experts = (a.phases & kLlPhaseSend) ? E : 0;
   const int recv_experts = (a.phases & kLlPhaseRecv) ? LE : 0;
   const int nvec = a.use_fp8 ? H / 16 : H / 8;  // fp8: chunks of two vectors
@@ -108,9 +126,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   int64_t e0 = -2;
   float w0 = 0.f;
-  if (blockIdx.x < send_tokens) {
-    prefetch(blockIdx.x);
-    if (warp == 0) ids(blockIdx.x, &e0, &w0);
+  if (blockIdx.x < units) {
+    prefetch(blockIdx.x / G);
+    if (warp == 0) ids(blockIdx.x / G, &e0, &w0);
   }
   int32_t seq;
   LlCallMask mask;
@@ -123,10 +141,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t payload = a.use_fp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
   const int64_t msg_bytes = kLlHeaderBytes + payload;
 
-  // Warp 0 claims token t's slots: lane k holds slot k's expert; duplicates and
-  // weight sums come from shuffles (one load of the row's indices, no re-reads).
-  // (e, wk): the lane's slot of token t, loaded by ids() ahead of the claim.
-  auto claim = [&](int t, int64_t e, float wk) {
+  // Warp 0 claims the slots of part `part` of token t: lane k holds slot k's
+  // expert; duplicates and weight sums come from shuffles (one load of the
+  // row's indices, no re-reads). (e, wk): the lane's slot of token t, loaded by
+  // ids() ahead of the claim. Part 0 counts the token's dropped ids.
+  auto claim = [&](int part, int64_t e, float wk) {
     bool dup = false;  // one message per (token, expert): only the first slot sends
     float w = 0.f;     // weighted: the expert's weight, all of its slots in slot order
     for (int k2 = 0; k2 < K; ++k2) {
@@ -138,16 +157,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
+      const bool lead = part == 0;
       if (e >= 0 && e < E && !mask.reachable(static_cast<int>(e / LE))) {
-        if (!weighted) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
+        if (!weighted && lead) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
       } else if (e >= 0 && e < E) {
-        if (!dup) {
+        const bool mine = s.peer_kind[e / LE] == kLlPort ? lead : lane % G == part;
+        if (!dup && mine) {
           slot = atomicAdd(&slot_ctr[e], 1);
           dst = static_cast<int>(e / LE);
           off = L.dispatch_slot(half, e % LE, s.rank, slot, R, M);
           if (weighted) s_wt[lane] = w;
         }
-      } else if (e != -1 && !weighted) {  // the forward dispatch already counted it
+      } else if (e != -1 && !weighted && lead) {  // the forward dispatch already counted it
         atomicAdd(&s.state->dropped, 1);
       }
       s_dst[lane] = dst;
@@ -163,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // round trip to L2 and the row's load overlap the counting.
   if (send_experts > 0) {
     if (warp == 0) {
-      if (blockIdx.x < send_tokens) claim(blockIdx.x, e0, w0);
+      if (blockIdx.x < units) claim(blockIdx.x % G, e0, w0);
     } else {
       const int n = blockDim.x - 32, i0 = tid - 32;
       for (int e = i0; e < E; e += n) s_hist[e] = 0;
@@ -186,14 +207,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   ll_probe(s.state, 0);  // every block running, messages counted, first slots claimed
 
   // ---------------------------------------------------------------- send
-  for (int t = blockIdx.x; t < send_tokens; t += gridDim.x) {
-    if (t != blockIdx.x) {
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    const int t = u / G;
+    if (u != blockIdx.x) {  // G == 1 here: more tokens than blocks
       prefetch(t);
       if (warp == 0) {
         int64_t e;
         float wk;
         ids(t, &e, &wk);
-        claim(t, e, wk);
+        claim(0, e, wk);
       }
       __syncthreads();
     }
@@ -264,6 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid < K && s_dst[tid] >= 0) {
       const int p = s_dst[tid], slot = s_slot[tid], e = s_exp[tid], j = e % LE;
       if (slot == 0) ll_clean_prev(s, prev, j, p);  // the first signal to p for (j, us)
+      ll_probe_at(s.state, 4);  // a message's signal begins
       if (s.peer_kind[p] == kLlPort) {
         ll_port_put(s.handles, p, s_off[tid], staged - s.local, msg_bytes);
         if (weighted)
@@ -272,15 +295,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       ll_signal_add(s, p, L.dispatch_counter(half, j, s.rank, R), ll_count_delta(slot, s_hist[e]),
                     slot == 0);
+      ll_probe_at(s.state, 5);  // ... and returned (the release fence waited for the bytes)
     }
     __syncthreads();
   }
 
   ll_probe(s.state, 1);  // tokens sent
   // An expert none of our tokens goes to still needs its count ("none"): said
-  // by the blocks without a token when there are any (at once: they have
+  // by the blocks without a send unit when there are any (at once: they have
   // nothing to send first), else by block e % grid after its sends.
-  const int idle0 = send_tokens < static_cast<int>(gridDim.x) ? send_tokens : 0;
+  const int idle0 = units < static_cast<int>(gridDim.x) ? units : 0;
   const int nidle = gridDim.x - idle0;
   for (int e = static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
        blockIdx.x >= idle0 && e < send_experts; e += nidle * blockDim.x) {
@@ -322,6 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                        kPhaseDispatchRecv);
         const int c = v != 0 ? ll_count_of(v) : 0;
         cnt[h] = c < 0 ? 0 : (c > M ? M : c);
+        if (cnt[h] > 0) ll_probe_at(s.state, 6);  // a count with rows seen
       }
       incl[h] = cnt[h];
 #pragma unroll
@@ -391,15 +416,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0 && part == 0) a.src_info[out_row] = tok;
       if (a.use_fp8) {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
+        // The scales (H / 128 <= 64: two a lane) load with the row, not after it.
+        const bool last = part == split - 1;
+        const float* sc = reinterpret_cast<const float*>(src + kLlHeaderBytes + H);
+        const int ns = H / kLlFp8Block;
+        float s0 = 0.f, s1 = 0.f;
+        if (last && lane < ns) s0 = __ldcg(sc + lane);
+        if (last && lane + 32 < ns) s1 = __ldcg(sc + lane + 32);
         if (n > 0) ll_warp_copy<true>(d + c0, body + c0, n, lane);
-        if (part == split - 1) {
-          const float* sc = reinterpret_cast<const float*>(src + kLlHeaderBytes + H);
-          const int ns = H / kLlFp8Block;
-          for (int c = lane; c < ns; c += 32) a.recv_scales[out_row * ns + c] = __ldcg(sc + c);
-        }
+        if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
+        if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
+        ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
       } else {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
         if (n > 0) ll_warp_copy<true>(d + c0, body + c0, n, lane);
+        ll_probe_at(s.state, 7);
       }
     }
   }
