@@ -25,6 +25,9 @@ for cfg in $CFGS $REGRESS; do
   echo "exit $?"
   grep -hE "PASS|FAIL|SUMMARY|survivor|masked|detect" "$OUT/$cfg.txt" "$OUT"/workers/${cfg}_*.log 2>/dev/null \
     | grep -v "^  File" | head -${N:-16}
+  # pytest's failure lines (">" the failing line, "E" its message) with the file they are in:
+  # the rank logs themselves may not all come back from the machine.
+  grep -HE "^>|^E  " "$OUT"/workers/${cfg}_*.log 2>/dev/null | cut -c1-400 | head -${NE:-24}
 done
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
