@@ -91,3 +91,5 @@ if [[ $STAGES == *ncu* ]]; then
 fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
+# `run` brings back only a limited number of files: the rank and sanitizer logs travel as one archive.
+(cd "$OUT" && ls -d workers san_* 2>/dev/null | xargs -r tar -czf logs.tgz && ls -d workers san_* 2>/dev/null | xargs -r rm -rf)

@@ -31,3 +31,5 @@ for cfg in $CFGS $REGRESS; do
 done
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
+# `run` brings back only a limited number of files: the rank and sanitizer logs travel as one archive.
+(cd "$OUT" && ls -d workers san_* 2>/dev/null | xargs -r tar -czf logs.tgz && ls -d workers san_* 2>/dev/null | xargs -r rm -rf)
