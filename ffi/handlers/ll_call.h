@@ -35,13 +35,9 @@ inline ffi::Error ll_require_buffer(const LlAttrs& at) {
 inline ffi::Error ll_entry_for(const LlAttrs& at, int32_t device, std::shared_ptr<LlEntry>* out) {
   if (auto err = ll_require_buffer(at); err.failure()) return err;
   *out = ll_find(at.buffer_id, device);
-  if (*out == nullptr) {
-    if (ll_was_closed(at.buffer_id))
-      return ffi::Error::InvalidArgument(ll_closed_message(at.buffer_id));
-    return ffi::Error::InvalidArgument("no LL state for Buffer id " + std::to_string(at.buffer_id) +
-                                       " on device " + std::to_string(device) +
-                                       ": was the Buffer created on this device?");
-  }
+  if (*out == nullptr)
+    return ffi::Error::InvalidArgument(ll_missing_message(
+        at.buffer_id, " on device " + std::to_string(device) + ": was the Buffer created on this device?"));
   LlEntry& e = **out;
   // An earlier call that timed out left the state undefined: refuse, naming it.
   // (Inside a replayed CUDA graph this host check does not run; Buffer.check() does.)

@@ -46,19 +46,10 @@ void write_mask(const LlEntry& e, const MaskWords& w) {
   ll_cuda_check(cudaDeviceSynchronize(), "write the rank mask");
 }
 
-std::vector<std::shared_ptr<LlEntry>> entries_or_throw(int64_t buffer_id) {
-  auto all = ll_find_all(buffer_id);
-  if (all.empty()) {
-    if (ll_was_closed(buffer_id)) throw std::runtime_error(ll_closed_message(buffer_id));
-    throw std::runtime_error("no LL state for Buffer id " + std::to_string(buffer_id));
-  }
-  return all;
-}
-
 }  // namespace
 
 void ll_set_peer_failure(int64_t buffer_id, bool mask) {
-  for (auto& e : entries_or_throw(buffer_id)) {
+  for (auto& e : ll_find_all_or_throw(buffer_id)) {
     e->st.mask_on_failure = mask ? 1 : 0;
     // A lost UCX peer must not stop the proxy serving the others (they stay in the group).
     if (e->comm) e->comm->set_ucx_peer_isolation(mask);
@@ -66,7 +57,7 @@ void ll_set_peer_failure(int64_t buffer_id, bool mask) {
 }
 
 void ll_mask_ranks(int64_t buffer_id, const std::vector<int>& ranks) {
-  for (auto& e : entries_or_throw(buffer_id)) {
+  for (auto& e : ll_find_all_or_throw(buffer_id)) {
     for (int r : ranks)
       if (r < 0 || r >= e->st.nranks)
         throw std::invalid_argument("mask_ranks: rank " + std::to_string(r) + " is not in [0, " +
@@ -84,7 +75,7 @@ void ll_mask_ranks(int64_t buffer_id, const std::vector<int>& ranks) {
 }
 
 void ll_unmask_all(int64_t buffer_id) {
-  for (auto& e : entries_or_throw(buffer_id)) {
+  for (auto& e : ll_find_all_or_throw(buffer_id)) {
     LlDeviceGuard g(e->device);
     ll_cuda_check(cudaDeviceSynchronize(), "sync for the rank mask");
     MaskWords w;

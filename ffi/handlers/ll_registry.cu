@@ -179,6 +179,17 @@ std::string ll_closed_message(int64_t buffer_id) {
          " was closed; create a new Buffer (this call was compiled before Buffer.close())";
 }
 
+std::string ll_missing_message(int64_t buffer_id, const std::string& where) {
+  if (ll_was_closed(buffer_id)) return ll_closed_message(buffer_id);
+  return "no LL state for Buffer id " + std::to_string(buffer_id) + where;
+}
+
+std::vector<std::shared_ptr<LlEntry>> ll_find_all_or_throw(int64_t buffer_id) {
+  auto all = ll_find_all(buffer_id);
+  if (all.empty()) throw std::runtime_error(ll_missing_message(buffer_id, ""));
+  return all;
+}
+
 void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t max_tokens,
                  int64_t hidden, int64_t num_experts) {
   if (!comm) throw std::invalid_argument("ll_register: communicator is None");
@@ -257,9 +268,7 @@ namespace {
 
 std::shared_ptr<LlEntry> ll_find_or_throw(int64_t buffer_id, int device) {
   if (auto e = ll_find(buffer_id, device)) return e;
-  if (ll_was_closed(buffer_id)) throw std::runtime_error(ll_closed_message(buffer_id));
-  throw std::runtime_error("no LL state for Buffer id " + std::to_string(buffer_id) +
-                           " on device " + std::to_string(device));
+  throw std::runtime_error(ll_missing_message(buffer_id, " on device " + std::to_string(device)));
 }
 
 void ll_check(int64_t buffer_id, int device) {

@@ -29,6 +29,10 @@ bool ll_unregister(int64_t buffer_id, int device);
 std::vector<std::shared_ptr<LlEntry>> ll_find_all(int64_t buffer_id);
 bool ll_was_closed(int64_t buffer_id);
 std::string ll_closed_message(int64_t buffer_id);
+// Why a Buffer has no entry here: closed, or "no LL state for Buffer id N" + where.
+std::string ll_missing_message(int64_t buffer_id, const std::string& where);
+// ll_find_all, throwing ll_missing_message when the Buffer has no entry in this process.
+std::vector<std::shared_ptr<LlEntry>> ll_find_all_or_throw(int64_t buffer_id);
 // Throws std::runtime_error if a device-side error (timeout, ...) was recorded.
 void ll_check(int64_t buffer_id, int device);
 // Expert ids outside [-1, E) dropped so far (synchronises the device: tests only).

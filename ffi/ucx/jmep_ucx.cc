@@ -545,9 +545,7 @@ int jmep_ucx_flush(jmep_ucx* u, int peer) {
   // 1. Every held-back signal is sent (their flushes complete as we progress).
   while (u->held > 0) {
     if (progress_locked(u) < 0) return -1;
-    if (expired())
-      return peer >= 0 ? lose(u, peer, "flush timed out waiting for the peer to complete earlier data")
-                       : fail(u, peer, "flush timed out waiting for the peer to complete earlier data");
+    if (expired()) return lose(u, peer, "flush timed out waiting for the peer to complete earlier data");
   }
   // 2. Everything posted (signals included) completes at the target.
   for (int q = 0; q < u->nranks; ++q) {
