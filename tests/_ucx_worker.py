@@ -476,6 +476,37 @@ def rounds_until_error(ctx, ep, peer, what):
         return e, i
 
 
+def die_after_round_1(ctx, ep, how="kill"):
+    """The lost rank of the killed cases: acks rank 0's round 1, records when (and its
+    pid) in the file killed_at, then SIGKILLs (how="kill") or SIGSTOPs itself."""
+    ctx.wait_word(ep, SEM, 1, "signal of round 1")
+    ep.store(0, ACK, 1)
+    ep.flush(0)
+    ctx.write_file("killed_at", f"{time.monotonic()!r} {os.getpid()}".encode())
+    print(f"rank {ctx.rank}: {'killing' if how == 'kill' else 'stopping'} myself", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    time.sleep(10)
+    raise AssertionError(f"still running after SIG{how.upper()}")
+
+
+def round_1(ctx, ep, peer):
+    """Rank 0's round 1 to the rank about to be lost: a fresh 4 KiB put and its signal, acked."""
+    ctx.mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 61)
+    ep.put(peer, DATA, DATA, 4096)
+    ep.store(peer, SEM, 1)
+    ctx.wait_word(ep, ACK, 1, f"rank {peer}'s ack of round 1")
+
+
+def expect_ucx_errors(ctx, calls, why):
+    """Every (name, call) raises UcxError; one that returns fails with "name() succeeded why"."""
+    for name, call in calls:
+        try:
+            call()
+        except ctx.ucx.UcxError:
+            continue
+        raise AssertionError(f"{name}() succeeded {why}")
+
+
 def case_killed(ctx, how="kill"):
     """Rank 1 does one round, then SIGKILLs itself (how="kill": its sockets close, so
     rank 0 can see it at once) or SIGSTOPs itself (how="stop": a hung peer, seen only by
@@ -483,22 +514,12 @@ def case_killed(ctx, how="kill"):
     store + flush; it must get a UcxError within timeout + 1 s naming peer 1, the error
     must stay (sticky), and close() must not hang on the dead peer. A stopped rank 1
     is then SIGKILLed by rank 0."""
-    mem = ctx.alloc(1 * MiB)
+    ctx.alloc(1 * MiB)
     ep = ctx.endpoint(timeout_s=KILL_TIMEOUT_S if ctx.rank == 0 else 10.0)
     ctx.connect_all(ep)
     if ctx.rank == 1:
-        ctx.wait_word(ep, SEM, 1, "signal of round 1")
-        ep.store(0, ACK, 1)
-        ep.flush(0)
-        ctx.write_file("killed_at", f"{time.monotonic()!r} {os.getpid()}".encode())
-        print(f"rank 1: {'killing' if how == 'kill' else 'stopping'} myself", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        time.sleep(10)
-        raise AssertionError(f"still running after SIG{how.upper()}")
-    mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 61)
-    ep.put(1, DATA, DATA, 4096)
-    ep.store(1, SEM, 1)
-    ctx.wait_word(ep, ACK, 1, "ack of round 1")
+        die_after_round_1(ctx, ep, how)
+    round_1(ctx, ep, 1)
     err, i = rounds_until_error(ctx, ep, 1, f"rank 1's SIG{how.upper()}")
     t_err = time.monotonic()
     t_kill, pid1 = ctx.wait_file("killed_at").decode().split()
@@ -515,13 +536,9 @@ def case_killed(ctx, how="kill"):
     assert re.search(r"\b(peer|rank)\s*[#=:]?\s*1\b", msg, re.I), \
         f"the error message does not name peer 1: {msg!r}"
     assert ep.last_error() == msg, f"last_error() changed: {msg!r} -> {ep.last_error()!r}"
-    for name, call in [("put", lambda: ep.put(1, DATA, DATA, 8)), ("store", lambda: ep.store(1, SEM, 0)),
-                       ("flush", lambda: ep.flush(-1)), ("progress", ep.progress)]:
-        try:
-            call()
-        except ctx.ucx.UcxError:
-            continue
-        raise AssertionError(f"{name}() succeeded after the error (errors are sticky): {msg!r}")
+    expect_ucx_errors(ctx, [("put", lambda: ep.put(1, DATA, DATA, 8)), ("store", lambda: ep.store(1, SEM, 0)),
+                            ("flush", lambda: ep.flush(-1)), ("progress", ep.progress)],
+                      f"after the error (errors are sticky): {msg!r}")
     t = time.monotonic()
     ep.close()
     dt = time.monotonic() - t
@@ -539,14 +556,7 @@ def case_killed_isolated(ctx):
     ep.set_peer_isolation(True)
     ctx.connect_all(ep)
     if ctx.rank == 2:
-        ctx.wait_word(ep, SEM, 1, "signal of round 1")
-        ep.store(0, ACK, 1)
-        ep.flush(0)
-        ctx.write_file("killed_at", f"{time.monotonic()!r}".encode())
-        print("rank 2: killing myself", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10)
-        raise AssertionError("still running after SIGKILL")
+        die_after_round_1(ctx, ep)
     if ctx.rank == 1:
         ctx.wait_word(ep, SEM, 7, "rank 0's signal after rank 2 died")
         want = fresh_bytes(4096, ctx.seed, 62)
@@ -557,23 +567,16 @@ def case_killed_isolated(ctx):
         ctx.wait_file("done_0", ep)
         ep.close()
         return
-    mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 61)
-    ep.put(2, DATA, DATA, 4096)
-    ep.store(2, SEM, 1)
-    ctx.wait_word(ep, ACK, 1, "rank 2's ack of round 1")
-    t_kill = float(ctx.wait_file("killed_at", ep).decode())
+    round_1(ctx, ep, 2)
+    t_kill = float(ctx.wait_file("killed_at", ep).decode().split()[0])
     err, _ = rounds_until_error(ctx, ep, 2, "rank 2's SIGKILL")
     dt, msg = time.monotonic() - t_kill, str(err)
     print(f"rank 0: error {dt:.3f} s after the kill: failed_peer()={ep.failed_peer()} {msg!r}",
           flush=True)
     assert dt <= KILL_TIMEOUT_S + 1.0, f"error only {dt:.2f} s after the kill: {msg!r}"
     assert ep.failed_peer() == 2 and re.search(r"\bpeer\s*2\b", msg), msg
-    for name, call in [("put", lambda: ep.put(2, DATA, DATA, 8)), ("flush", lambda: ep.flush(2))]:
-        try:
-            call()
-        except ctx.ucx.UcxError:
-            continue
-        raise AssertionError(f"{name}() towards the lost peer succeeded")
+    expect_ucx_errors(ctx, [("put", lambda: ep.put(2, DATA, DATA, 8)), ("flush", lambda: ep.flush(2))],
+                      "towards the lost peer")
     ep.progress()  # the worker is fine
     mem[DATA:DATA + 4096] = fresh_bytes(4096, ctx.seed, 62)
     ep.put(1, DATA, DATA, 4096)
