@@ -16,14 +16,18 @@ def short_id(case: str) -> str:
     return func[len("test_"):].replace("[", "-").rstrip("]")
 
 
+def config_marks(c, marks=()):
+    """The marks every item of configuration c carries: marks, slow, its known failure."""
+    return [*marks] + ([pytest.mark.slow] if c.slow else []) + (
+        [pytest.mark.xfail(reason=c.known_failure, strict=False)] if c.known_failure else [])
+
+
 def case_params(configs, marks=()):
     """pytest.param(config name, case node id) for every case of every configuration;
     a configuration that cannot run here is one skipped item saying why."""
     out = []
     for c in configs:
-        m = [*marks] + ([pytest.mark.slow] if c.slow else [])
-        if c.known_failure:
-            m.append(pytest.mark.xfail(reason=c.known_failure, strict=False))
+        m = config_marks(c, marks)
         why = c.skip_reason()
         if why:
             fail = why.startswith("FAIL: ")
@@ -39,10 +43,8 @@ def case_params(configs, marks=()):
 
 
 def exit_params(configs, marks=()):
-    return [pytest.param(c.name, id=c.name, marks=[*marks] + ([pytest.mark.slow] if c.slow else [])
-                         + ([pytest.mark.skip(reason=c.skip_reason())] if c.skip_reason() else [])
-                         + ([pytest.mark.xfail(reason=c.known_failure, strict=False)]
-                            if c.known_failure else []))
+    return [pytest.param(c.name, id=c.name, marks=config_marks(c, marks)
+                         + ([pytest.mark.skip(reason=c.skip_reason())] if c.skip_reason() else []))
             for c in configs]
 
 
