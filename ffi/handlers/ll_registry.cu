@@ -32,14 +32,12 @@ std::mutex g_mu;
 std::map<std::pair<int64_t, int>, std::shared_ptr<LlEntry>> g_entries;
 std::set<int64_t> g_closed;  // ids of closed Buffers: their calls say so (ll_was_closed)
 
-using DeviceGuard = LlDeviceGuard;
-
 // Close: wait for our kernels, mark the device state closed (a kernel that an
 // executable replays later returns at once: ll_args.cuh), and let go of the
 // communicator / peer buffers, which no kernel of this entry touches any more.
 void close_entry(LlEntry& e) {
   {
-    DeviceGuard g(e.device);
+    LlDeviceGuard g(e.device);
     cudaDeviceSynchronize();
     const int32_t closed = 1;
     if (e.st.state != nullptr)
@@ -203,7 +201,7 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
   auto e = std::make_shared<LlEntry>();
   e->comm = comm;
   e->device = comm->device();
-  DeviceGuard g(e->device);
+  LlDeviceGuard g(e->device);
   LlPeer* peers = ll_init_state(*e, layout, comm->buffer(), comm->rank(), R, max_tokens, hidden,
                                 num_experts, comm->device_handles(), comm->error_record_device(),
                                 comm->timeout_ns(), nullptr);
@@ -293,7 +291,7 @@ bool ll_unregister(int64_t buffer_id, int device) {
 int64_t ll_dropped(int64_t buffer_id, int device) {
   auto e = ll_find(buffer_id, device);
   if (e == nullptr || e->st.state == nullptr) return -1;
-  DeviceGuard g(e->device);
+  LlDeviceGuard g(e->device);
   LlDeviceState st{};
   ll_cuda_check(cudaMemcpy(&st, e->st.state, sizeof(st), cudaMemcpyDeviceToHost), "read LL state");
   return st.dropped;
@@ -301,7 +299,7 @@ int64_t ll_dropped(int64_t buffer_id, int device) {
 
 std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
   auto e = ll_find_or_throw(buffer_id, device);
-  DeviceGuard g(e->device);
+  LlDeviceGuard g(e->device);
   ll_cuda_check(cudaDeviceSynchronize(), "sync for timing");
   LlDeviceState st{};
   ll_cuda_check(cudaMemcpy(&st, e->st.state, sizeof(st), cudaMemcpyDeviceToHost), "read LL state");
