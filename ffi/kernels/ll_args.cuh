@@ -155,12 +155,7 @@ __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n
   ll_warp_copy_late<kCacheGlobal>(src, n, lane, [dst]() { return dst; });
 }
 
-// Every LL kernel's first read: the call's seq, or false when the Buffer was
-// closed. Executables compiled before Buffer.close() keep this state alive
-// (ll_entry.cuh), and XLA may replay their kernels from a CUDA graph without
-// asking the FFI handler; such a kernel must touch nothing else (the peers'
-// and the channel layer's memory may be gone), so it counts itself and returns.
-// Every block returns before its first __syncthreads, none waits on another.
+// Bit p of a rank mask.
 __device__ __forceinline__ bool ll_is_masked(unsigned long long mask, int p) {
   return (mask >> p) & 1ull;
 }
@@ -176,6 +171,12 @@ struct LlCallMask {
   }
 };
 
+// Every LL kernel's first read: the call's seq, or false when the Buffer was
+// closed. Executables compiled before Buffer.close() keep this state alive
+// (ll_entry.cuh), and XLA may replay their kernels from a CUDA graph without
+// asking the FFI handler; such a kernel must touch nothing else (the peers'
+// and the channel layer's memory may be gone), so it counts itself and returns.
+// Every block returns before its first __syncthreads, none waits on another.
 // *mask: the masked ranks this call goes by, for this rank.
 __device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int rank, int32_t* seq,
                                               LlCallMask* mask) {
