@@ -4,15 +4,16 @@
 # GPU 0 (user masks; a rank SIGKILLed mid-loop over memory channels, forced port
 # channels and UCX between two simulated hosts), then regressions of the
 # unmasked paths (dead peer over UCX, LL cases at R = 1).
-#   CFGS (default all mask configurations), REGRESS (LL configs after them).
+#   CFGS (default all mask configurations), REGRESS (LL configs after them; REGRESS=""
+#   runs none).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ JMEP_CUDA_ARCHS=${ARCHS:-90-real}
 export UCX_WARN_UNUSED_ENV_VARS=n
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-240}
-CFGS=${CFGS:-"mask_user-one_gpu-mem mask_user-one_gpu-port mask_lost_rank-one_gpu-mem mask_lost_rank-one_gpu-port mask_lost_rank-one_gpu-ucx"}
-REGRESS=${REGRESS:-"dead_peer-one_gpu-ucx dead_peer-one_gpu-mem one_gpu_one_rank-mem"}
+CFGS=${CFGS-"mask_user-one_gpu-mem mask_user-one_gpu-port mask_lost_rank-one_gpu-mem mask_lost_rank-one_gpu-port mask_lost_rank-one_gpu-ucx"}
+REGRESS=${REGRESS-"dead_peer-one_gpu-ucx dead_peer-one_gpu-mem one_gpu_one_rank-mem"}
 {
 echo "== $(date -u +%T) start"; nvidia-smi -L
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -158,12 +158,7 @@ def gpu_configs():
         out.append(LLConfig(
             f"mask_lost_rank-one_gpu-{path}", files=MASK, only=("mask_lost_rank",), nproc=4,
             gpus=1, gpu=0, force_port=path == "port", ranks_per_host=2 if ucx else 0, ucx=ucx,
-            env=UCX_ENV if ucx else (), steps=1000, heartbeat_s=600, dies=(3,),
-            known_failure="" if not ucx else (
-                "failed on the H200 before UCX peer isolation (the proxy stopped driving UCX "
-                "after one endpoint failed), and again with it (2026-12-01: a survivor's "
-                "assertion in the loop after the kill; run cut at 150 s, cause not found; "
-                "issue 17)")))
+            env=UCX_ENV if ucx else (), steps=1000, heartbeat_s=600, dies=(3,)))
     out += paths(LLConfig("mask_user-one_gpu", files=MASK, only=("mask_user",), nproc=4, gpus=1,
                           gpu=0))
     for layout in HOSTS:

@@ -22,34 +22,12 @@
 #include <cstdlib>
 #include <vector>
 
+#include "micro_common.cuh"
+
 namespace {
 
 constexpr int kThreads = 512;
 enum Stamp { kW0, kW1, kR0, kR1, kR2, kR3, kR4, kStamps };
-
-__device__ __forceinline__ uint64_t gtimer() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
-template <bool kSys>
-__device__ __forceinline__ void release_add(unsigned long long* p, unsigned long long v) {
-  if (kSys)
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-  else
-    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-template <bool kSys>
-__device__ __forceinline__ unsigned long long acquire_load(const unsigned long long* p) {
-  unsigned long long v;
-  if (kSys)
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  else
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 
 // One warp reads n vectors at p in one round (up to 16 a lane), returns a sum
 // so the loads must complete.
@@ -110,18 +88,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       sink[0] = s + static_cast<unsigned>(f);
     }
   }
-}
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
 template <bool kSys>

@@ -282,42 +282,6 @@ __device__ __forceinline__ bool ll_count_complete(int64_t w) {
 }
 __device__ __forceinline__ int ll_count_of(int64_t w) { return static_cast<int>((w >> 32) - 1); }
 
-// Mask peer p from this kernel (the first to do so records who and where).
-__device__ __forceinline__ void ll_mask_peer(const LlStatic& s, int p, int phase) {
-  const unsigned long long bit = 1ull << p;
-  if ((atomicOr(&s.state->masked, bit) & bit) == 0) {
-    s.state->mask_by[p] = s.rank;
-    s.state->mask_phase[p] = phase;
-  }
-}
-
-// Wait until pred(signal word) holds; returns the value, or 0 when peer p is
-// given up on. Under on_peer_failure="raise" that is today's wait (a timeout is
-// recorded and ends every wait). Under "mask", a timeout masks p and ends only
-// the waits on p: they poll the mask (and the proxy's record of a lost peer)
-// every kLlPollEvery spins, so after the first one every wait on p ends within
-// microseconds, and the call completes on the others.
-template <typename Pred>
-__device__ __forceinline__ int64_t ll_wait_peer(const LlStatic& s, const char* word, Pred pred,
-                                                int p, int phase) {
-  if (!s.mask_on_failure) {
-    const WaitSite site{s.error, s.timeout_ns, s.rank, p, phase};
-    return ll_wait_signal(word, pred, site);
-  }
-  return ll_spin(word, pred, [&](uint64_t start, int64_t) {
-    if (ll_is_masked(*reinterpret_cast<volatile unsigned long long*>(&s.state->masked), p))
-      return true;
-    const ErrorRecord* e = s.error;
-    const bool lost = e != nullptr &&
-                      *reinterpret_cast<const volatile int32_t*>(&e->code) == kErrPeerLost &&
-                      *reinterpret_cast<const volatile int32_t*>(&e->peer) == p;
-    if (!lost && (s.timeout_ns <= 0 || globaltimer_ns() - start <= uint64_t(s.timeout_ns)))
-      return false;
-    ll_mask_peer(s, p, lost ? kPhaseProxy : phase);
-    return true;
-  });
-}
-
 // An add on peer p's signal word at `at` (a dispatch count, a combine flag): a
 // system-scope release for a direct peer; for a port peer a fence when asked
 // (our clears and staged bytes before the trigger) and an add the proxy

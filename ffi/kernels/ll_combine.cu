@@ -12,12 +12,28 @@
 #include <cuda_bf16.h>
 
 #include "kernels/ll_args.cuh"
+#include "kernels/ll_mask.cuh"
 
 namespace jmep {
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kGroup = 2;  // (expert, rank) pairs a block sends in one pass (wider: slower code)
+
+#ifndef JMEP_LL_MAX_REDUCE_SPLIT
+#define JMEP_LL_MAX_REDUCE_SPLIT 8  // -DJMEP_LL_MAX_REDUCE_SPLIT=1: one block per token at every T
+#endif
+
+// Blocks per token in the reduce (RG): with fewer tokens than blocks, RG
+// blocks share a token's output, each reducing a column range of its K rows.
+// One token's rows are K x 2H bytes (114 KB at H = 7168, K = 8), more than one
+// SM loads quickly: at T = 1 the phase probes put ~2.9 us between the last
+// flag seen and the token reduced on one block. Each of the RG blocks waits for
+// the token's K flags itself (its own acquires), so no ordering changes.
+__device__ __forceinline__ int ll_reduce_split(int tokens, int grid) {
+  if (tokens <= 0) return 1;
+  return max(1, min(grid / tokens, JMEP_LL_MAX_REDUCE_SPLIT));
+}
 
 __global__ void __launch_bounds__(kThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineArgs a) {
@@ -31,11 +47,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   // The first token's expert ids and weights, requested before anything else
   // (XLA's buffers stay valid even when the Buffer was closed).
+  const int RG = a.per_slot ? 1 : ll_reduce_split(T, gridDim.x);
   int64_t e_first = -1;
   float w_first = 0.f;
-  if (tid < K && blockIdx.x < T && (a.phases & kLlPhaseRecv)) {
-    e_first = ll_load_idx(a.topk_idx, int64_t(blockIdx.x) * K + tid, a.idx64);
-    if (!a.per_slot) w_first = a.topk_weights[int64_t(blockIdx.x) * K + tid];
+  if (tid < K && blockIdx.x < T * RG && (a.phases & kLlPhaseRecv)) {
+    const int t0 = blockIdx.x / RG;
+    e_first = ll_load_idx(a.topk_idx, int64_t(t0) * K + tid, a.idx64);
+    if (!a.per_slot) w_first = a.topk_weights[int64_t(t0) * K + tid];
   }
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
   // The first pass's handle entries too: its row offsets (then the rows' token
@@ -158,9 +176,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   ll_probe(s.state, 1);  // rows sent, flags added
 
   // ---------------------------------------------------------------- receive + reduce
-  for (int t = blockIdx.x; t < recv_tokens; t += gridDim.x) {
+  // Unit u: vectors [lo, hi) of token u / RG's output (RG == 1: the whole row).
+  const int units = recv_tokens * RG, per = (nvec + RG - 1) / RG;
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    const int t = u / RG, lo = (u % RG) * per, hi = min(nvec, lo + per);
     if (tid < K) {
-      const bool first = t == static_cast<int>(blockIdx.x);
+      const bool first = u == static_cast<int>(blockIdx.x);
       const int64_t e = first ? e_first : ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
       int ok = -1;
       // A masked owner's slot, or one whose owner was lost during this wait,
@@ -191,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Two columns a thread (c0 and c0 + blockDim.x: a 7168-channel row is 896
     // vectors) and eight slots at a time: sixteen loads issued together, then
     // added in slot order, one memory latency per round.
-    for (int c0 = tid; c0 < nvec; c0 += 2 * blockDim.x) {
+    for (int c0 = lo + tid; c0 < hi; c0 += 2 * blockDim.x) {
       const int c1 = c0 + blockDim.x;
       float acc[2][8];
 #pragma unroll
@@ -204,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint4* row =
               reinterpret_cast<const uint4*>(s.local + L.combine_slot(half, e < 0 ? 0 : e, t, M));
           v[0][u] = e < 0 ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c0);
-          v[1][u] = e < 0 || c1 >= nvec ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c1);
+          v[1][u] = e < 0 || c1 >= hi ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c1);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -225,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int c = h == 0 ? c0 : c1;
-        if (c >= nvec) continue;
+        if (c >= hi) continue;
         uint4 o;
         __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll

@@ -22,6 +22,7 @@
 
 #include "kernels/ll_args.cuh"
 #include "kernels/ll_fp8.cuh"
+#include "kernels/ll_mask.cuh"
 
 namespace jmep {
 namespace {
@@ -41,47 +42,6 @@ __device__ __forceinline__ int ll_send_split(int tokens, int topk, int grid) {
   if (tokens <= 0) return 1;
   const int g = grid / tokens;
   return max(1, min(min(topk, g), JMEP_LL_MAX_SPLIT));
-}
-
-// Rank masks agree across the group (issue 17): once a rank has masked peers,
-// every dispatch's send phase stores its mask into each reachable peer's
-// report word for it (a port peer gets it by a put from our stage word), and
-// every dispatch reads the reports of the peers it still hears from: a bit
-// another rank has, we take as well (from the next call on). Reports only
-// ever add bits, so a late one is harmless; masked peers' reports are not
-// read. One warp of one block, off the critical path.
-__device__ void ll_exchange_mask_reports(const LlStatic& s, const LlCallMask& call) {
-  const LlLayout& L = s.layout;
-  const int lane = threadIdx.x & 31, R = s.nranks;
-  if (call.self_masked) return;
-  const unsigned long long mask = call.bits;
-  if (mask != 0) {
-    if (lane == 0) {
-      *reinterpret_cast<volatile unsigned long long*>(s.local + L.mask_word(R)) = mask;
-      __threadfence_system();  // the stage word before any put that reads it
-    }
-    __syncwarp();
-    for (int p = lane; p < R; p += 32) {
-      if (p == s.rank || ll_is_masked(mask, p)) continue;
-      if (s.peer_kind[p] == kLlPort)
-        ll_port_put(s.handles, p, L.mask_word(s.rank), L.mask_word(R), 8);
-      else
-        *reinterpret_cast<volatile unsigned long long*>(s.peer_base[p] + L.mask_word(s.rank)) = mask;
-    }
-  }
-  for (int r = lane; r < R; r += 32) {
-    if (r == s.rank || ll_is_masked(mask, r)) continue;
-    const unsigned long long news =
-        *reinterpret_cast<const volatile unsigned long long*>(s.local + L.mask_word(r)) & ~mask;
-    for (int b = 0; b < R; ++b) {
-      if (!ll_is_masked(news, b)) continue;
-      const unsigned long long bit = 1ull << b;
-      if ((atomicOr(&s.state->masked, bit) & bit) == 0) {
-        s.state->mask_by[b] = r;  // b == s.rank: the group masked us
-        s.state->mask_phase[b] = kPhaseMaskReport;
-      }
-    }
-  }
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
