@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from decode_loop import rmsnorm  # its import also sets up 8 CPU devices unless --gpu
+import decode_loop  # noqa: F401  (its import sets up 8 CPU devices unless --gpu)
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_mscclpp_ep as ep
 from jax_mscclpp_ep import moe
-
-
-def route(router, xb, alive, k):
-    """top-k of the softmax over live experts only: (idx [N, K], weights [N, K] summing to 1)."""
-    logits = jnp.dot(xb.astype(jnp.float32), router, precision=jax.lax.Precision.HIGHEST)
-    w, idx = jax.lax.top_k(jax.nn.softmax(jnp.where(alive, logits, -jnp.inf)), k)
-    return idx.astype(jnp.int32), w / jnp.sum(w, -1, keepdims=True)
+from survive_step import dense_step_fn, ep_step_fn
 
 
 def main(argv=None):
@@ -60,26 +54,13 @@ def main(argv=None):
     print(f"{r} x {devices[0].platform}; {r * t} slots, {a.steps} steps, rank {r - 1} lost at "
           f"step {lose_at}, seed={seed}")
 
-    def ep_step(p, hs, order):
-        xb = rmsnorm(hs).astype(jnp.bfloat16)
-        idx, w = route(p["router"], xb, ep.alive_experts(buf, after=order), k)
-        res = ep.dispatch(xb, idx, buf, after=order)
-        y = moe.expert_ffn(res.recv_x, p["w_in"], p["w_out"], res.recv_count)
-        out, order = ep.combine(y, idx, w, res.handle, buf, return_order=True)
-        return hs + out.astype(jnp.float32), order[None]
-
+    ep_step, dense = ep_step_fn(buf, k), dense_step_fn(e, k)
     step = jax.jit(jax.shard_map(lambda p, hs, o: ep_step(p, hs, o[0]), mesh=mesh,
                                  in_specs=(moe.param_specs(), P("ep"), P("ep")),
                                  out_specs=(P("ep"), P("ep"))))
 
-    @jax.jit
-    def dense_step(p, hs, alive, served):
-        xb = rmsnorm(hs).astype(jnp.bfloat16)
-        idx, w = route(p["router"], xb, alive, k)
-        every = moe.expert_ffn(jnp.broadcast_to(xb[None], (e,) + xb.shape), p["w_in"], p["w_out"])
-        rows = every[idx, jnp.arange(xb.shape[0])[:, None]].astype(jnp.float32)   # [N, K, H]
-        out = jnp.sum(rows * w[..., None], axis=1).astype(jnp.bfloat16).astype(jnp.float32)
-        return hs + jnp.where(served[:, None], out, 0.0)
+    def dense_step(p, hs, alive, served):   # the lost rank's own slots get no MoE output
+        return jnp.where(served[:, None], dense(p, hs, alive), hs)
 
     hs = np.asarray(jax.random.normal(kx, (r * t, h), jnp.float32))
     order = jnp.zeros((r,), jnp.int32)

@@ -21,35 +21,21 @@ exactly as on a real multi-host pod.
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from local_ranks import init_rank, run_ranks
 
 
 def launch(a) -> int:
-    port, seed = _free_port(), int.from_bytes(os.urandom(4), "little")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0",
-               XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "host_platform_device_count" not in f)
-    if a.ranks_per_host:
-        env.setdefault("UCX_TLS", "tcp,cuda_copy")  # hosts without InfiniBand; not shared memory
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank", str(i),
-                               "--port", str(port), "--seed", str(seed)] + a.passthrough,
-                              env=dict(env, JMEP_HOST_ID=f"simhost{i // a.ranks_per_host}")
-                              if a.ranks_per_host else env)
-             for i in range(a.nprocs)]
-    try:
-        codes = [p.wait(timeout=a.timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
+    def env_of(i, env):
+        if not a.ranks_per_host:
+            return env
+        # hosts without InfiniBand; not shared memory
+        return dict(env, JMEP_HOST_ID=f"simhost{i // a.ranks_per_host}",
+                    UCX_TLS=env.get("UCX_TLS", "tcp,cuda_copy"))
+
+    codes = run_ranks(__file__, a.nprocs, a.passthrough, a.timeout, env_of)
+    if codes is None:
         print("FAILED: timed out")
         return 1
     if any(codes):
@@ -60,14 +46,7 @@ def launch(a) -> int:
 
 
 def worker(a) -> int:
-    if not a.gpu:
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-    if not a.gpu:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{a.port}", num_processes=a.nprocs,
-                               process_id=a.rank,
-                               local_device_ids=[a.rank] if a.gpu else None)
+    jax = init_rank(a, [a.rank])
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

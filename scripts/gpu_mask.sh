@@ -5,12 +5,13 @@
 # channels and UCX between two simulated hosts), then regressions of the
 # unmasked paths (dead peer over UCX, LL cases at R = 1).
 #   CFGS (default all mask configurations), REGRESS (LL configs after them; REGRESS=""
-#   runs none).
+#   runs none), EXAMPLE=0 skips examples/decode_survive_kill.py (4 processes on GPU 0, the
+#   last one SIGKILLs itself mid-loop).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ JMEP_CUDA_ARCHS=${ARCHS:-90-real}
 export UCX_WARN_UNUSED_ENV_VARS=n
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/workers"; REPO=$(pwd)
 export JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=${JMEP_LL_TEST_TIMEOUT:-240}
 CFGS=${CFGS-"mask_user-one_gpu-mem mask_user-one_gpu-port mask_lost_rank-one_gpu-mem mask_lost_rank-one_gpu-port mask_lost_rank-one_gpu-ucx"}
 REGRESS=${REGRESS-"dead_peer-one_gpu-ucx dead_peer-one_gpu-mem one_gpu_one_rank-mem"}
@@ -30,6 +31,12 @@ for cfg in $CFGS $REGRESS; do
   # the rank logs themselves may not all come back from the machine.
   grep -HE "^>|^E  " "$OUT"/workers/${cfg}_*.log 2>/dev/null | cut -c1-400 | head -${NE:-24}
 done
+if [[ ${EXAMPLE:-1} == 1 ]]; then  # the decode loop that keeps serving after a kill
+  echo "== $(date -u +%T) examples/decode_survive_kill.py: 4 processes on GPU 0"
+  (cd /tmp && timeout 200 python3 "$REPO/examples/decode_survive_kill.py" --nprocs 4 --gpu \
+    --share-gpu > "$OUT/decode_survive_kill.txt" 2>&1; echo "exit $?")
+  grep -E "OK|FAIL|SIGKILL|step (3|4|5|6|11):" "$OUT/decode_survive_kill.txt" | cut -c1-200 | head -24
+fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
 # `run` brings back only a limited number of files: the rank and sanitizer logs travel as one archive.

@@ -14,6 +14,8 @@ CASES = {
     "decode_loop": (["--steps", "4", "--slots", "8", "--hidden", "128"],
                     "OK: decode loop matches the dense model"),
     "decode_survive": (["--steps", "4"], "OK: decode loop kept serving after losing a rank"),
+    "decode_survive_kill": (["--nprocs", "2", "--steps", "6", "--lose-at", "2"],
+                            "OK: the survivors kept serving after losing rank 1"),
     "launch_multiprocess": (["--nprocs", "2", "--tokens", "8", "--hidden", "128"],
                             "OK: all 2 processes passed"),
     "route_tokens": (["--tokens", "16", "--hidden", "128"], "OK: expert-parallel MoE output"),
