@@ -106,10 +106,11 @@ def test_mask_lost_rank(group, rng):
                     check_combine(out, cut[q], f"rank {q}, masked reference")
                 except AssertionError:
                     check_combine(out, full[q], f"rank {q}: neither masked nor full reference")
-            settled = buf.masked_ranks() == [dead]
+            masked = buf.masked_ranks()
+            settled = masked == [dead]
             # Each survivor's steps around the kill, for the log: when a survivor
             # learnt of the loss (and from whom) is what a failure here turns on.
-            group.log(f"window step {window}: {dt:.3f} s, masked {buf.masked_ranks()}, "
+            group.log(f"window step {window}: {dt:.3f} s, masked {masked}, "
                       f"events {buf.mask_events()}")
             continue
         assert dt < tmo, f"step {checked} after the mask took {dt:.1f} s: a wait on the lost rank?"
