@@ -6,7 +6,7 @@
 # unmasked paths (dead peer over UCX, LL cases at R = 1).
 #   CFGS (default all mask configurations), REGRESS (LL configs after them; REGRESS=""
 #   runs none), EXAMPLE=0 skips examples/decode_survive_kill.py (4 processes on GPU 0, the
-#   last one SIGKILLs itself mid-loop).
+#   last one SIGKILLs itself mid-loop: right after enqueuing a step, then after one).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ JMEP_CUDA_ARCHS=${ARCHS:-90-real}
@@ -32,10 +32,14 @@ for cfg in $CFGS $REGRESS; do
   grep -HE "^>|^E  " "$OUT"/workers/${cfg}_*.log 2>/dev/null | cut -c1-400 | head -${NE:-24}
 done
 if [[ ${EXAMPLE:-1} == 1 ]]; then  # the decode loop that keeps serving after a kill
-  echo "== $(date -u +%T) examples/decode_survive_kill.py: 4 processes on GPU 0"
-  (cd /tmp && timeout 200 python3 "$REPO/examples/decode_survive_kill.py" --nprocs 4 --gpu \
-    --share-gpu > "$OUT/decode_survive_kill.txt" 2>&1; echo "exit $?")
-  grep -E "OK|FAIL|SIGKILL|step (3|4|5|6|11):" "$OUT/decode_survive_kill.txt" | cut -c1-200 | head -24
+  # The lost rank dies mid-step (as a rule), then once its step has finished.
+  for when in enqueued finished; do
+    echo "== $(date -u +%T) examples/decode_survive_kill.py: 4 processes on GPU 0, killed when $when"
+    (cd /tmp && timeout 200 python3 "$REPO/examples/decode_survive_kill.py" --nprocs 4 --gpu \
+      --share-gpu --kill-when $when > "$OUT/decode_survive_kill_$when.txt" 2>&1; echo "exit $?")
+    grep -E "OK|FAIL|SIGKILL|window|step (3|4|5|6|11):" "$OUT/decode_survive_kill_$when.txt" \
+      | cut -c1-260 | head -30
+  done
 fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"

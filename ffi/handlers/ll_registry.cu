@@ -106,7 +106,8 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
   ll_cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, e.device), "SM count");
   ll_cuda_check(ll_preload_dispatch(), "load dispatch kernel");
   ll_cuda_check(ll_preload_combine(), "load combine kernel");
-  e.num_blocks = sms;  // one block per SM: every block co-resident (they wait on each other)
+  // One block per SM: every block co-resident (they wait on each other).
+  e.num_blocks = sms < kLlMaxBlocks ? sms : kLlMaxBlocks;
   const size_t state_bytes = sizeof(LlDeviceState) + 2 * sizeof(int32_t) * num_experts;
   const size_t peers_off = (state_bytes + 15) / 16 * 16;
   const size_t bytes = peers_off + sizeof(LlPeer) * nranks;
@@ -310,6 +311,9 @@ std::vector<uint64_t> ll_timing(int64_t buffer_id, int device, bool reset) {
                   "reset timing");
     ll_cuda_check(cudaDeviceSynchronize(), "reset timing");
   }
+  // The newest call's record is folded by the next call; fold it here (as ll_fold_timing).
+  for (const LlTimingRecord& r : st.rec)
+    if (r.kind == 1 || r.kind == 2) ll_add_timing(st, r, r.kind - 1);
   std::vector<uint64_t> out = {st.calls[0], st.sum_send_ns[0], st.sum_total_ns[0],
                                st.calls[1], st.sum_send_ns[1], st.sum_total_ns[1]};
   for (int k = 0; k < 2; ++k)

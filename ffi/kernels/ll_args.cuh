@@ -16,28 +16,41 @@ namespace jmep {
 // event probes (ll_probe_at: the last thread at a point, no barrier).
 constexpr int kLlProbes = 8;
 
-// Per-buffer device state. seq's low bit selects the half of the current call;
-// the last block of each call bumps it (so the host never touches it).
-// closed sits next to seq so that one 8-byte load reads both (ll_begin_call).
+// The most blocks an LL kernel is launched with (the registry caps the grid):
+// each block keeps its own copy of the call's seq (LlDeviceState::seq).
+constexpr int kLlMaxBlocks = 256;
+
+// One call's %globaltimer marks: start (block 0), end of the send phase and of
+// the call (max over blocks). Two records, by seq parity: a call writes its
+// own and folds the previous call's into the sums (ll_fold_timing), so no
+// block has to learn that it is the last one; the host folds the newest.
+struct LlTimingRecord {
+  uint64_t t_start;
+  unsigned long long t_send_end;
+  unsigned long long t_end;
+  int32_t kind;  // 0: nothing to fold; 1 + (0 dispatch, 1 combine): a finished call
+  int32_t pad;
+};
+
+// Per-buffer device state (the host never touches seq: kernels advance it).
 struct LlDeviceState {
-  int32_t seq;
+  int32_t unused;
   int32_t closed;       // set by Buffer.close(); then 1 + calls replayed after it
   // Bit p: peer p is masked (issue 17): no kernel sends to it or waits on it.
-  // Read with seq and closed in one 16-byte load; set by the host
+  // Read with closed in one 16-byte load; set by the host
   // (Buffer.mask_ranks) between calls, or by a kernel whose wait on p timed
   // out under on_peer_failure="mask" (then in force from the next call; waits
   // on p later in the same call see it and end at once).
   unsigned long long masked;
-  int32_t blocks_done;
+  int32_t blocks_done;  // probe builds only: the last block folds the probes
   int32_t dropped;      // expert ids outside [-1, E) seen by dispatch (never sent)
   // Kernel timing from %globaltimer (what the benchmark reports as kernel time):
   // [0] dispatch, [1] combine. send = first block's start to the last block's
   // end of the send (+ publish) phase; total = to the last block's end.
-  uint64_t t_start;
-  unsigned long long t_send_end;
   uint64_t sum_send_ns[2];
   uint64_t sum_total_ns[2];
   uint64_t calls[2];
+  LlTimingRecord rec[2];
   // Phase probes (builds with -DJMEP_LL_PROBES, for finding where a call's time
   // goes): latest time any block passed probe i, and its sum over calls.
   unsigned long long probe_max[kLlProbes];
@@ -45,10 +58,15 @@ struct LlDeviceState {
   // Per masked peer: who masked it (this rank, or -1: the host) and in which phase.
   int32_t mask_by[kLlMaxRanks];
   int32_t mask_phase[kLlMaxRanks];
+  // seq[b]: the call block b runs next. Its low bit selects the call's half.
+  // Every block of a call sets all the words it owns (b, b + grid, ...) to
+  // seq + 1 at its end, so the next kernel's blocks all read the same value,
+  // whatever its grid, and no block waits for the others to finish.
+  int32_t seq[kLlMaxBlocks];
   // Followed in memory by int32 slot[2][E] (dispatch send, LlStatic::slot_ctr).
 };
 
-static_assert(offsetof(LlDeviceState, masked) == 8, "ll_begin_call reads seq, closed, masked at once");
+static_assert(offsetof(LlDeviceState, masked) == 8, "ll_begin_call reads closed, masked at once");
 
 struct LlStatic {
   LlLayout layout;
@@ -177,14 +195,15 @@ struct LlCallMask {
 // asking the FFI handler; such a kernel must touch nothing else (the peers'
 // and the channel layer's memory may be gone), so it counts itself and returns.
 // Every block returns before its first __syncthreads, none waits on another.
-// *mask: the masked ranks this call goes by, for this rank.
+// *mask: the masked ranks this call goes by, for this rank. The two loads are
+// independent: one round trip.
 __device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int rank, int32_t* seq,
                                               LlCallMask* mask) {
   unsigned long long v, m;
   asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v), "=l"(m) : "l"(st) : "memory");
-  *seq = static_cast<int32_t>(v & 0xffffffffu);  // little-endian: seq, then closed
+  *seq = *reinterpret_cast<const volatile int32_t*>(&st->seq[blockIdx.x]);
   *mask = LlCallMask{m, ll_is_masked(m, rank)};
-  if ((v >> 32) == 0) return true;
+  if ((v >> 32) == 0) return true;  // little-endian: unused, then closed
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&st->closed, 1);
   return false;
 }
@@ -193,13 +212,36 @@ __device__ __forceinline__ int64_t ll_load_idx(const void* p, int64_t i, bool id
   return idx64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
-__device__ __forceinline__ void ll_mark_start(LlDeviceState* st) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) st->t_start = globaltimer_ns();
+__device__ __forceinline__ void ll_mark_start(LlDeviceState* st, int32_t seq) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) st->rec[seq & 1].t_start = globaltimer_ns();
 }
 
 // Called by every block once its send phase is over (after a __syncthreads).
-__device__ __forceinline__ void ll_mark_send_end(LlDeviceState* st) {
-  if (threadIdx.x == 0) atomicMax(&st->t_send_end, static_cast<unsigned long long>(globaltimer_ns()));
+__device__ __forceinline__ void ll_mark_send_end(LlDeviceState* st, int32_t seq) {
+  if (threadIdx.x == 0)
+    atomicMax(&st->rec[seq & 1].t_send_end, static_cast<unsigned long long>(globaltimer_ns()));
+}
+
+// One finished call's record (of kind k: 0 dispatch, 1 combine) into the sums: the
+// device's fold and the host's.
+__host__ __device__ inline void ll_add_timing(LlDeviceState& st, const LlTimingRecord& r, int k) {
+  st.sum_send_ns[k] += r.t_send_end > r.t_start ? r.t_send_end - r.t_start : 0;
+  st.sum_total_ns[k] += r.t_end > r.t_start ? r.t_end - r.t_start : 0;
+  st.calls[k] += 1;
+}
+
+// One thread of a call's send phase, off its critical path (its loads cost
+// that thread a round trip): the previous call's record into the sums, then
+// cleared for the next call. That record was finished by the previous kernel
+// on the stream, and nobody else touches it during this call.
+__device__ __forceinline__ void ll_fold_timing(LlDeviceState* st, int32_t seq) {
+  LlTimingRecord& r = st->rec[(seq + 1) & 1];
+  const int k = r.kind - 1;
+  if (k < 0) return;
+  ll_add_timing(*st, r, k);
+  r.t_send_end = 0;
+  r.t_end = 0;
+  r.kind = 0;
 }
 
 // Probe i: every block records when it got here (after a __syncthreads).
@@ -224,38 +266,32 @@ __device__ __forceinline__ void ll_probe_at(LlDeviceState* st, int i) {
 #endif
 }
 
-// Block-wide epilogue: the last block to finish advances seq (flips the half)
-// and books the call's timing under `kind` (0 dispatch, 1 combine).
-// No fence and a relaxed add: seq needs no release, because the next kernel on
-// the stream (the only reader) starts after this one ends, and every block read
-// seq at its start, before its add, so the last adder knows none reads it
-// again. The timing words are diagnostics: each block's atomicMax on them was
-// performed long before its add here, but nothing orders the two, so a
-// timing figure may rarely miss one block (it never affects a result). A fence
-// here would make the last block wait for its row stores to drain first.
+// Block-wide epilogue: this block's seq words move to the next call (flipping
+// the half), and its end time goes into the call's record (`kind`: 0 dispatch,
+// 1 combine). No fence and no returning atomic: the next kernel on the stream
+// (the only reader of seq and of the record's kind) starts after this one
+// ends, and each block read its own seq word at its start, so no block reads a
+// word another block writes here. (A "last block" count would put an atomic
+// round trip, and the last block's bookkeeping, on every call's tail.)
 __device__ __forceinline__ void ll_finish_call(LlDeviceState* st, int32_t seq, int kind) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const int prev = atomicAdd(&st->blocks_done, 1);
-    if (prev == static_cast<int>(gridDim.x) - 1) {
-      const uint64_t now = globaltimer_ns();
-      const uint64_t t0 = *reinterpret_cast<volatile uint64_t*>(&st->t_start);
-      const uint64_t ts = atomicAdd(&st->t_send_end, 0ull);
-      st->sum_total_ns[kind] += now - t0;
-      st->sum_send_ns[kind] += ts > t0 ? ts - t0 : 0;
-      st->calls[kind] += 1;
+  if (threadIdx.x != 0) return;
+  for (int w = blockIdx.x; w < kLlMaxBlocks; w += gridDim.x) st->seq[w] = seq + 1;
+  LlTimingRecord& r = st->rec[seq & 1];
+  atomicMax(&r.t_end, static_cast<unsigned long long>(globaltimer_ns()));
+  if (blockIdx.x == 0) r.kind = kind + 1;
 #if defined(JMEP_LL_PROBES)
-      for (int i = 0; i < kLlProbes; ++i) {
-        const uint64_t tp = atomicAdd(&st->probe_max[i], 0ull);
-        st->sum_probe_ns[kind][i] += tp > t0 ? tp - t0 : 0;
-        st->probe_max[i] = 0;
-      }
-#endif
-      st->t_send_end = 0;
-      st->blocks_done = 0;
-      st->seq = seq + 1;
+  // Probe builds: the last block folds the probes (its round trip is theirs).
+  if (atomicAdd(&st->blocks_done, 1) == static_cast<int>(gridDim.x) - 1) {
+    const uint64_t t0 = *reinterpret_cast<volatile uint64_t*>(&r.t_start);
+    for (int i = 0; i < kLlProbes; ++i) {
+      const uint64_t tp = atomicAdd(&st->probe_max[i], 0ull);
+      st->sum_probe_ns[kind][i] += tp > t0 ? tp - t0 : 0;
+      st->probe_max[i] = 0;
     }
+    st->blocks_done = 0;
   }
+#endif
 }
 
 // Zero the slot counters the next dispatch claims in (see LlStatic::slot_ctr).

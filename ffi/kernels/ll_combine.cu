@@ -64,12 +64,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int q = blockIdx.x + g * gridDim.x;
     lr_first[g] = q < send_blocks ? a.layout_range[q] : 0;
   }
+  // Block 0 passes the order token on at its end: loaded now, not then.
+  const int32_t order = blockIdx.x == 0 && tid == 0 ? *a.order_in : 0;
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
   if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
   const int half = seq & 1, prev = half ^ 1;
-  if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
   const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
   ll_reset_next_slots(s, seq);
   const int nvec = H / 8;  // 16-byte vectors per bf16 row
@@ -171,8 +173,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  // One thread of the last block (at small T it has no rows to send).
+  if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && tid == blockDim.x - 32)
+    ll_fold_timing(s.state, seq);
   __syncthreads();
-  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state, seq);
   ll_probe(s.state, 1);  // rows sent, flags added
 
   // ---------------------------------------------------------------- receive + reduce
@@ -271,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   ll_probe(s.state, 3);  // every flag seen
-  if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
+  if (blockIdx.x == 0 && tid == 0) *a.order_out = order;
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 1);
 }
 

@@ -90,13 +90,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefetch(blockIdx.x / G);
     if (warp == 0) ids(blockIdx.x / G, &e0, &w0);
   }
+  // Block 0 passes the order token on at its end: loaded now, not then.
+  const int32_t order = blockIdx.x == 0 && tid == 0 ? *a.order_in : 0;
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
   if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
   const int half = seq & 1, prev = half ^ 1;
   int32_t* slot_ctr = s.slot_ctr + (seq & 1) * E;  // this call's row
-  if (a.phases & kLlPhaseSend) ll_mark_start(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
   ll_reset_next_slots(s, seq);
   const int64_t payload = a.use_fp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
   const int64_t msg_bytes = kLlHeaderBytes + payload;
@@ -276,11 +278,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     ll_signal_add(s, p, L.dispatch_counter(half, j, s.rank, R), kLlEmptyCount, true);
   }
 
-  if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && warp == nwarps - 1)
+  if ((a.phases & kLlPhaseSend) && blockIdx.x == gridDim.x - 1 && warp == nwarps - 1) {
     ll_exchange_mask_reports(s, mask);
+    if (lane == 0) ll_fold_timing(s.state, seq);
+  }
 
   __syncthreads();
-  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state);
+  if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state, seq);
   ll_probe(s.state, 2);  // counts published
 
   // ---------------------------------------------------------------- receive
@@ -295,6 +299,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int g = warp / wpe; g < groups && warp / wpe < epp; g += epp) {
     const int j = blockIdx.x + g * gridDim.x;
     if (j >= recv_experts) break;
+    // Loaded before the wait, so its round trip overlaps it (its store follows the count).
+    const int32_t stats = gw == 0 && lane == 0 && !weighted ? a.stats_in[j] : 0;
     int cnt[2], incl[2];  // counts of source ranks lane and lane + 32, inclusive prefix
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -327,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (lane == 0) {
         a.recv_count[j] = total;
-        a.stats_out[j] = a.stats_in[j] + total;
+        a.stats_out[j] = stats + total;
       }
     }
     if (weighted) {  // rows past the block hold no (token, expert): gradient 0
@@ -373,7 +379,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t out_row = int64_t(j) * R * M + row;
       const int nv = a.use_fp8 ? H / 16 : H / 8, per = (nv + split - 1) / split;
       const int c0 = part * per, n = min(per, nv - c0);
-      if (lane == 0 && part == 0) a.src_info[out_row] = tok;
+      // src_info is stored once the row's loads are in flight (ll_warp_copy_late):
+      // a store before them would hold them back until tok arrived.
+      // (Part 0 always has vectors: n > 0 there.)
+      auto dst_at = [&](uint4* d) {
+        return [&, d]() {
+          if (lane == 0 && part == 0) a.src_info[out_row] = tok;
+          return d + c0;
+        };
+      };
       if (a.use_fp8) {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
         // The scales (H / 128 <= 64: two a lane) load with the row, not after it.
@@ -383,20 +397,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         float s0 = 0.f, s1 = 0.f;
         if (last && lane < ns) s0 = __ldcg(sc + lane);
         if (last && lane + 32 < ns) s1 = __ldcg(sc + lane + 32);
-        if (n > 0) ll_warp_copy<true>(d + c0, body + c0, n, lane);
+        if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
         if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
         if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
         ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
       } else {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
-        if (n > 0) ll_warp_copy<true>(d + c0, body + c0, n, lane);
+        if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
         ll_probe_at(s.state, 7);
       }
     }
   }
 
   ll_probe(s.state, 3);  // rows received
-  if (blockIdx.x == 0 && tid == 0) *a.order_out = *a.order_in;
+  if (blockIdx.x == 0 && tid == 0) *a.order_out = order;
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 0);
 }
 
