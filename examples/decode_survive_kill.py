@@ -95,7 +95,7 @@ def worker(a) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         new = np.asarray(hs.addressable_shards[0].data)
         dt = time.perf_counter() - t0
-        def rel_err(*models):   # each model: (routed over, served by); per token the closest
+        def rel_err(*models):   # each model: (routed over, answered by); per token the closest
             with jax.default_device(host):
                 wants = [np.asarray(dense_step(hparams, mine, *m)) for m in models]
             errs = np.array([np.abs(new - w).max(-1) for w in wants]) / np.abs(wants[0]).max()

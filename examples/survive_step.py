@@ -37,20 +37,20 @@ def ep_step_fn(buf, k):
 
 
 def dense_step_fn(num_experts, k):
-    """(params, hs, alive[, served]) -> hs + MoE(hs), every expert computed densely (the oracle).
+    """(params, hs, alive[, answered]) -> hs + MoE(hs), every expert computed densely (the oracle).
 
-    Routing is over ``alive``; ``served`` (default: all) says whose outputs arrive. The step
-    during which a rank is lost routes to it but gets nothing back from its experts: routed
-    over all, served by the live ones.
+    Routing is over ``alive`` (bool[E]); ``answered`` (bool[E], default: all) says whose
+    outputs come back. The step during which a rank is lost routes to it but gets nothing
+    back from its experts: routed over all, answered by the live ones.
     """
     @jax.jit
-    def dense_step(p, hs, alive, served=None):
+    def dense_step(p, hs, alive, answered=None):
         xb = rmsnorm(hs).astype(jnp.bfloat16)
         idx, w = route(p["router"], xb, alive, k)
         every = moe.expert_ffn(jnp.broadcast_to(xb[None], (num_experts,) + xb.shape),
                                p["w_in"], p["w_out"])
-        if served is not None:
-            every = jnp.where(served[:, None, None], every, 0)
+        if answered is not None:
+            every = jnp.where(answered[:, None, None], every, 0)
         rows = every[idx, jnp.arange(xb.shape[0])[:, None]].astype(jnp.float32)   # [N, K, H]
         return hs + jnp.sum(rows * w[..., None], axis=1).astype(jnp.bfloat16).astype(jnp.float32)
     return dense_step
