@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's floors, one device call (after a build of the package, e.g. gpu_latency.sh):
-# the handoff and launch-floor micro benchmarks, and ncu's unlocked-clock durations of
+# the handoff, launch-floor and instruction-fetch (icache_latency) micro benchmarks, and ncu's unlocked-clock durations of
 # the floor kernels and of the LL kernels at T = 1 and 128 (to set ncu beside the
 # CUPTI medians of bench_latency from the same call). No clock locking and no cache
 # flush between launches: as the kernels run in a jitted loop.
@@ -12,7 +12,7 @@ NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 NCUM="--clock-control none --cache-control none --metrics gpu__time_duration.sum --csv"
 {
 echo "== $(date -u +%T) micro benchmarks"
-for m in handoff_latency launch_floor; do
+for m in handoff_latency launch_floor icache_latency; do
   nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/micro/$m.cu -o /tmp/$m || continue
   /tmp/$m
 done

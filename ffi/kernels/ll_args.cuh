@@ -84,8 +84,9 @@ struct LlStatic {
   // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
   // constant cache (__grid_constant__), so a kernel reaches its peers without a
   // global load and a barrier first. Filled at registration; never changes.
-  char* peer_base[kLlMaxRanks];
+  // Kinds first: every path reads them, next to the fields above.
   int8_t peer_kind[kLlMaxRanks];
+  char* peer_base[kLlMaxRanks];
 };
 
 // A call runs both halves; the split API runs the send half (data out, counts
@@ -93,8 +94,11 @@ struct LlStatic {
 // flips the buffer's half. Nothing else may use the Buffer in between.
 constexpr int32_t kLlPhaseSend = 1, kLlPhaseRecv = 2, kLlPhaseBoth = 3;
 
+// In both argument structs the per-call fields come first and the static part
+// (whose peer table is most of the bytes) last: a kernel's first instructions
+// read these through the constant cache, and each 64-byte line they touch is a
+// miss the first time in a launch, so the fields read at the start sit together.
 struct LlDispatchArgs {
-  LlStatic s;
   const void* x;            // [T, H] bf16
   const void* topk_idx;     // [T, K] int32 or int64
   const int32_t* stats_in;  // [LE]
@@ -115,10 +119,10 @@ struct LlDispatchArgs {
   // the block, and writes no handle/count/stats outputs (those are null).
   const float* slot_weights;  // [T, K] f32, or null
   const int32_t* row_map;     // [LE, R*M]: row of (source rank r, token t) at [j, r*M + t]
+  LlStatic s;
 };
 
 struct LlCombineArgs {
-  LlStatic s;
   const void* y;               // [LE, R*M, H] bf16
   const void* topk_idx;        // [T, K]
   const float* topk_weights;   // [T, K]
@@ -133,6 +137,7 @@ struct LlCombineArgs {
   // Per-slot mode (combine's backward w.r.t. topk_weights): out is [T, K, H],
   // slot k's row copied unreduced (zeros for masked slots); weights unused.
   bool per_slot;
+  LlStatic s;
 };
 
 // One warp copies n 16-byte vectors in rounds of up to 8 a lane (a bf16 row
@@ -187,6 +192,10 @@ struct LlCallMask {
   __device__ __forceinline__ bool reachable(int p) const {
     return !self_masked && !ll_is_masked(bits, p);
   }
+  // reachable(owner of expert e): no division while nobody is masked.
+  __device__ __forceinline__ bool reaches_expert(int e, int local_experts) const {
+    return bits == 0 ? !self_masked : reachable(e / local_experts);
+  }
 };
 
 // Every LL kernel's first read: the call's seq, or false when the Buffer was
@@ -210,6 +219,25 @@ __device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int rank, int32
 
 __device__ __forceinline__ int64_t ll_load_idx(const void* p, int64_t i, bool idx64) {
   return idx64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+}
+
+// Token t's K ids into ev (-1 past K, or all when !on), every load issued before
+// any is used: with int32 ids a per-slot ll_load_idx widens each value as it
+// lands, so the loads would wait on one another.
+__device__ __forceinline__ void ll_load_ids(const void* p, int64_t t, int K, bool idx64, bool on,
+                                            int64_t (&ev)[kLlMaxTopk]) {
+  if (idx64) {
+    const int64_t* q = static_cast<const int64_t*>(p) + t * K;
+#pragma unroll
+    for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = on && k < K ? q[k] : -1;
+  } else {
+    const int32_t* q = static_cast<const int32_t*>(p) + t * K;
+    int32_t v[kLlMaxTopk];
+#pragma unroll
+    for (int k = 0; k < kLlMaxTopk; ++k) v[k] = on && k < K ? q[k] : -1;
+#pragma unroll
+    for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = v[k];
+  }
 }
 
 __device__ __forceinline__ void ll_mark_start(LlDeviceState* st, int32_t seq) {

@@ -35,6 +35,9 @@ __device__ __forceinline__ int ll_reduce_split(int tokens, int grid) {
   return max(1, min(grid / tokens, JMEP_LL_MAX_REDUCE_SPLIT));
 }
 
+// One instance per mode (reduce; per-slot copy for the backward): each carries
+// only its own receive path (code size is latency at small T: ll_dispatch.cu).
+template <bool kPerSlot>
 __global__ void __launch_bounds__(kThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineArgs a) {
   const LlStatic& s = a.s;
@@ -47,13 +50,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   // The first token's expert ids and weights, requested before anything else
   // (XLA's buffers stay valid even when the Buffer was closed).
-  const int RG = a.per_slot ? 1 : ll_reduce_split(T, gridDim.x);
+  const int RG = kPerSlot ? 1 : ll_reduce_split(T, gridDim.x);
   int64_t e_first = -1;
   float w_first = 0.f;
   if (tid < K && blockIdx.x < T * RG && (a.phases & kLlPhaseRecv)) {
     const int t0 = blockIdx.x / RG;
     e_first = ll_load_idx(a.topk_idx, int64_t(t0) * K + tid, a.idx64);
-    if (!a.per_slot) w_first = a.topk_weights[int64_t(t0) * K + tid];
+    if (!kPerSlot) w_first = a.topk_weights[int64_t(t0) * K + tid];
   }
   const int send_blocks = (a.phases & kLlPhaseSend) ? LE * R : 0;
   // The first pass's handle entries too: its row offsets (then the rows' token
@@ -191,18 +194,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       int ok = -1;
       // A masked owner's slot, or one whose owner was lost during this wait,
       // contributes zero; the token's other slots still reduce.
-      if (e >= 0 && e < E && mask.reachable(static_cast<int>(e / LE))) {
+      const int owner = e >= 0 && e < E ? static_cast<int>(e) / LE : -1;  // int division
+      if (owner >= 0 && mask.reachable(owner)) {
         const int64_t v = ll_wait_peer(s, s.local + L.combine_flag(half, e, E),
-                                       [](int64_t w) { return w > 0; }, static_cast<int>(e / LE),
-                                       kPhaseCombineRecv);
+                                       [](int64_t w) { return w > 0; }, owner, kPhaseCombineRecv);
         if (v != 0) ok = static_cast<int>(e);
         ll_probe_at(s.state, 6);  // a token's flag seen
       }
       s_exp[tid] = ok;
-      s_w[tid] = a.per_slot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
+      s_w[tid] = kPerSlot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
     }
     __syncthreads();
-    if (a.per_slot) {
+    if (kPerSlot) {
       uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * K * row_bytes);
       for (int i = tid; i < K * nvec; i += blockDim.x) {
         const int k = i / nvec, c = i % nvec, e = s_exp[k];
@@ -284,11 +287,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 cudaError_t ll_preload_combine() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ll_combine_kernel);
+  cudaError_t e = cudaFuncGetAttributes(&attr, ll_combine_kernel<false>);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_combine_kernel<true>);
+  return e;
 }
 
 void ll_launch_combine(const LlCombineArgs& a, int num_blocks, cudaStream_t stream) {
-  ll_combine_kernel<<<num_blocks, kThreads, 0, stream>>>(a);
+  if (a.per_slot)
+    ll_combine_kernel<true><<<num_blocks, kThreads, 0, stream>>>(a);
+  else
+    ll_combine_kernel<false><<<num_blocks, kThreads, 0, stream>>>(a);
 }
 
 }  // namespace jmep

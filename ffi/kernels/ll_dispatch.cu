@@ -4,8 +4,9 @@
 //           first token's row is loading.
 //  send:    block per token, or at small T a token's messages spread over
 //           G blocks (ll_send_split); claim a slot per destination expert (atomic on
-//           this GPU), cast to fp8 if asked, store the message straight into
-//           the peer's receive slot (memory/self) or stage it and push a put
+//           this GPU; at T <= kDirectSlotsMaxT counted from the earlier tokens'
+//           ids), cast to fp8 if asked, store the message straight into the
+//           peer's receive slot (memory/self) or stage it and push a put
 //           (port); then one atomic add per message on the destination's count
 //           word, released after the message (ll_count_delta: the slot-0
 //           message also carries the total), and, for an expert no token of
@@ -32,6 +33,13 @@ constexpr int kThreads = 512;
 #define JMEP_LL_MAX_SPLIT 8  // -DJMEP_LL_MAX_SPLIT=1: one block per token at every T
 #endif
 
+// Up to this many tokens a message's slot comes from the ids (claim), above
+// it from an atomic claim on slot_ctr. -DJMEP_LL_DIRECT_SLOTS_MAX_T=0: always atomic.
+#ifndef JMEP_LL_DIRECT_SLOTS_MAX_T
+#define JMEP_LL_DIRECT_SLOTS_MAX_T 4
+#endif
+constexpr int kDirectSlotsMaxT = JMEP_LL_DIRECT_SLOTS_MAX_T;
+
 // Blocks per token (G): with fewer tokens than blocks, G blocks share a token,
 // each storing the direct messages k with k % G == its part. One block then
 // stores a G-th of the token's bytes, and its release-adds wait for only
@@ -44,6 +52,11 @@ __device__ __forceinline__ int ll_send_split(int tokens, int topk, int grid) {
   return max(1, min(min(topk, g), JMEP_LL_MAX_SPLIT));
 }
 
+// One instance per mode (fp8 or bf16 forward; weighted, bf16): each carries
+// only its own paths. Code size is latency here: at small T a call runs each
+// instruction about once, so every cache line of code it touches is fetched
+// on the critical path.
+template <bool kFp8, bool kWeighted>
 __global__ void __launch_bounds__(kThreads, 1)
     ll_dispatch_kernel(const __grid_constant__ LlDispatchArgs a) {
   const LlStatic& s = a.s;
@@ -63,9 +76,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int G = ll_send_split(send_tokens, K, gridDim.x), units = send_tokens * G;
   const int send_experts = (a.phases & kLlPhaseSend) ? E : 0;
   const int recv_experts = (a.phases & kLlPhaseRecv) ? LE : 0;
-  const int nvec = a.use_fp8 ? H / 16 : H / 8;  // fp8: chunks of two vectors
+  const int nvec = kFp8 ? H / 16 : H / 8;  // fp8: chunks of two vectors
   const char* x = static_cast<const char*>(a.x);
-  const bool weighted = a.slot_weights != nullptr;
+  constexpr bool weighted = kWeighted;
   // A token's row goes to registers first, so its load overlaps the counting
   // and the slot claims (kThreads threads cover H <= 8192: one 16-channel chunk
   // each for fp8, at most two 8-channel vectors each for bf16). The first row
@@ -75,8 +88,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto prefetch = [&](int t) {
     const uint4* xrow = reinterpret_cast<const uint4*>(x + int64_t(t) * H * 2);
     if (tid < nvec) {
-      pre0 = __ldg(xrow + (a.use_fp8 ? 2 * tid : tid));
-      pre1 = a.use_fp8 ? __ldg(xrow + 2 * tid + 1)
+      pre0 = __ldg(xrow + (kFp8 ? 2 * tid : tid));
+      pre1 = kFp8 ? __ldg(xrow + 2 * tid + 1)
                        : (tid + kThreads < nvec ? __ldg(xrow + tid + kThreads) : pre1);
     }
   };
@@ -86,10 +99,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   int64_t e0 = -2;
   float w0 = 0.f;
+  // Direct slots (T <= kDirectSlotsMaxT): lane k also loads slot k of every
+  // earlier token, requested with its own ids.
+  const bool direct = send_tokens <= kDirectSlotsMaxT;
+  int64_t e_before[kDirectSlotsMaxT > 1 ? kDirectSlotsMaxT - 1 : 1];
   if (blockIdx.x < units) {
-    prefetch(blockIdx.x / G);
-    if (warp == 0) ids(blockIdx.x / G, &e0, &w0);
+    const int t0 = blockIdx.x / G;
+    prefetch(t0);
+    if (warp == 0) {
+      ids(t0, &e0, &w0);
+#pragma unroll
+      for (int t2 = 0; t2 + 1 < kDirectSlotsMaxT; ++t2)
+        e_before[t2] = direct && t2 < t0 && lane < K
+                           ? ll_load_idx(a.topk_idx, int64_t(t2) * K + lane, a.idx64)
+                           : -2;
+    }
   }
+  // Warps 1.. count (below): their first token's ids are requested now too,
+  // so that round trip overlaps the state read's instead of following it.
+  int64_t ev_first[kLlMaxTopk];
+  ll_load_ids(a.topk_idx, tid - 32, K, a.idx64, (a.phases & kLlPhaseSend) && warp > 0 && tid - 32 < T,
+              ev_first);
   // Block 0 passes the order token on at its end: loaded now, not then.
   const int32_t order = blockIdx.x == 0 && tid == 0 ? *a.order_in : 0;
   int32_t seq;
@@ -100,14 +130,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t* slot_ctr = s.slot_ctr + (seq & 1) * E;  // this call's row
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
   ll_reset_next_slots(s, seq);
-  const int64_t payload = a.use_fp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
+  const int64_t payload = kFp8 ? H + (H / kLlFp8Block) * 4 : 2 * H;
   const int64_t msg_bytes = kLlHeaderBytes + payload;
 
   // Warp 0 claims the slots of part `part` of token t: lane k holds slot k's
   // expert; duplicates and weight sums come from shuffles (one load of the
   // row's indices, no re-reads). (e, wk): the lane's slot of token t, loaded by
   // ids() ahead of the claim. Part 0 counts the token's dropped ids.
-  auto claim = [&](int part, int64_t e, float wk) {
+  auto claim = [&](int part, int64_t e, float wk, bool from_ids) {
     bool dup = false;  // one message per (token, expert): only the first slot sends
     float w = 0.f;     // weighted: the expert's weight, all of its slots in slot order
     for (int k2 = 0; k2 < K; ++k2) {
@@ -116,18 +146,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       dup |= k2 < lane && o == e;
       if (o == e) w = __fadd_rn(w, ow);
     }
+    // Direct slot: how many earlier tokens also go to e (each sends e at most
+    // one message, and they are numbered in token order), so no atomic round
+    // trip sits between the ids and the first store.
+    int before = 0;
+    if (from_ids) {
+#pragma unroll
+      for (int t2 = 0; t2 + 1 < kDirectSlotsMaxT; ++t2) {
+        bool hit = false;
+        for (int k2 = 0; k2 < K; ++k2) hit |= __shfl_sync(0xffffffffu, e_before[t2], k2) == e;
+        before += hit;
+      }
+    }
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
-      const bool lead = part == 0;
-      if (e >= 0 && e < E && !mask.reachable(static_cast<int>(e / LE))) {
+      const bool lead = part == 0, valid = e >= 0 && e < E;
+      // In int from here: an int64 division is a ~100-instruction call.
+      const int ei = valid ? static_cast<int>(e) : 0, owner = ei / LE;
+      if (valid && !mask.reachable(owner)) {
         if (!weighted && lead) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
-      } else if (e >= 0 && e < E) {
-        const bool mine = s.peer_kind[e / LE] == kLlPort ? lead : lane % G == part;
+      } else if (valid) {
+        const bool mine = s.peer_kind[owner] == kLlPort ? lead : lane % G == part;
         if (!dup && mine) {
-          slot = atomicAdd(&slot_ctr[e], 1);
-          dst = static_cast<int>(e / LE);
-          off = L.dispatch_slot(half, e % LE, s.rank, slot, R, M);
+          slot = from_ids ? before : atomicAdd(&slot_ctr[ei], 1);
+          dst = owner;
+          off = L.dispatch_slot(half, ei - owner * LE, s.rank, slot, R, M);
           if (weighted) s_wt[lane] = w;
         }
       } else if (e != -1 && !weighted && lead) {  // the forward dispatch already counted it
@@ -146,21 +190,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   // round trip to L2 and the row's load overlap the counting.
   if (send_experts > 0) {
     if (warp == 0) {
-      if (blockIdx.x < units) claim(blockIdx.x % G, e0, w0);
+      if (blockIdx.x < units) claim(blockIdx.x % G, e0, w0, direct);
     } else {
       const int n = blockDim.x - 32, i0 = tid - 32;
       for (int e = i0; e < E; e += n) s_hist[e] = 0;
       asm volatile("bar.sync 1, %0;" ::"r"(n) : "memory");  // warps 1.. only
       for (int t = i0; t < T; t += n) {
+        // The token's ids are all requested before the first shared add: the
+        // compiler keeps a load after an atomic that precedes it, so loading
+        // as we count would pay one L2 round trip per slot.
         int64_t ev[kLlMaxTopk];
+        if (t == i0) {
+#pragma unroll
+          for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = ev_first[k];
+        } else {
+          ll_load_ids(a.topk_idx, t, K, a.idx64, true, ev);
+        }
+        int e32[kLlMaxTopk];  // the id in [0, E), else -1 (int: no int64 division)
 #pragma unroll
         for (int k = 0; k < kLlMaxTopk; ++k) {
-          if (k >= K) break;
-          ev[k] = ll_load_idx(a.topk_idx, int64_t(t) * K + k, a.idx64);
-          bool fresh = ev[k] >= 0 && ev[k] < E && mask.reachable(static_cast<int>(ev[k] / LE));
+          e32[k] = ev[k] >= 0 && ev[k] < E ? static_cast<int>(ev[k]) : -1;
+          bool fresh = e32[k] >= 0 && mask.reaches_expert(e32[k], LE);
 #pragma unroll
-          for (int k2 = 0; k2 < k; ++k2) fresh &= ev[k2] != ev[k];
-          if (fresh) atomicAdd(&s_hist[ev[k]], 1);
+          for (int k2 = 0; k2 < k; ++k2) fresh &= e32[k2] != e32[k];
+          if (fresh) atomicAdd(&s_hist[e32[k]], 1);
         }
       }
     }
@@ -177,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int64_t e;
         float wk;
         ids(t, &e, &wk);
-        claim(0, e, wk);
+        claim(0, e, wk, false);  // T > grid here: never direct
       }
       __syncthreads();
     }
@@ -206,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint4*>(s.peer_base[s_dst[tid]] + s_off[tid]) =
             make_uint4(static_cast<unsigned>(t), 0u, __float_as_uint(s_wt[tid]), 0u);
     }
-    if (a.use_fp8) {
+    if (kFp8) {
       // Chunk c = tid: 16 channels a thread, 8 threads (one warp's lanes) per
       // 128-channel scale block.
       const int c = tid;
@@ -377,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         continue;
       }
       const int64_t out_row = int64_t(j) * R * M + row;
-      const int nv = a.use_fp8 ? H / 16 : H / 8, per = (nv + split - 1) / split;
+      const int nv = kFp8 ? H / 16 : H / 8, per = (nv + split - 1) / split;
       const int c0 = part * per, n = min(per, nv - c0);
       // src_info is stored once the row's loads are in flight (ll_warp_copy_late):
       // a store before them would hold them back until tok arrived.
@@ -388,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           return d + c0;
         };
       };
-      if (a.use_fp8) {
+      if (kFp8) {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
         // The scales (H / 128 <= 64: two a lane) load with the row, not after it.
         const bool last = part == split - 1;
@@ -431,11 +484,20 @@ __global__ void ll_peers_init_kernel(ChannelDeviceHandle* h, char* local, LlPeer
 // launch would otherwise load it mid-run, next to kernels spinning on peers.
 cudaError_t ll_preload_dispatch() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ll_dispatch_kernel);
+  cudaError_t e = cudaFuncGetAttributes(&attr, ll_dispatch_kernel<true, false>);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_dispatch_kernel<false, false>);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_dispatch_kernel<false, true>);
+  return e;
 }
 
+// Weighted mode is bf16 only (LlDispatchArgs).
 void ll_launch_dispatch(const LlDispatchArgs& a, int num_blocks, cudaStream_t stream) {
-  ll_dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(a);
+  if (a.slot_weights != nullptr)
+    ll_dispatch_kernel<false, true><<<num_blocks, kThreads, 0, stream>>>(a);
+  else if (a.use_fp8)
+    ll_dispatch_kernel<true, false><<<num_blocks, kThreads, 0, stream>>>(a);
+  else
+    ll_dispatch_kernel<false, false><<<num_blocks, kThreads, 0, stream>>>(a);
 }
 
 void ll_launch_peers_init(ChannelDeviceHandle* handles, char* local, LlPeer* peers, int nranks,

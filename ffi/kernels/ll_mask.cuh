@@ -15,8 +15,10 @@
 namespace jmep {
 
 // Send `bits` (the ranks we have masked) to every peer we still hear from:
-// threads first, first + stride, ... of the caller share the peers.
-__device__ __forceinline__ void ll_send_mask_report(const LlStatic& s, unsigned long long bits,
+// threads first, first + stride, ... of the caller share the peers. Everything
+// here is out of line: it runs once a call at most, in one warp, and the hot
+// paths it would sit between are fetched on every call (ll_dispatch.cu).
+static __device__ __noinline__ void ll_send_mask_report(const LlStatic& s, unsigned long long bits,
                                                     int first, int stride) {
   const LlLayout& L = s.layout;
   const int R = s.nranks;
@@ -44,7 +46,7 @@ __device__ __forceinline__ void ll_send_mask_report(const LlStatic& s, unsigned 
 // waiting on p stop within a poll instead of each running into its own timeout
 // (which, when they detect at different times, would make the early ones wait
 // on the late ones for as long as the timeout).
-__device__ __forceinline__ void ll_mask_peer(const LlStatic& s, int p, int phase, int by) {
+static __device__ __noinline__ void ll_mask_peer(const LlStatic& s, int p, int phase, int by) {
   const unsigned long long bit = 1ull << p;
   const unsigned long long old = atomicOr(&s.state->masked, bit);
   if ((old & bit) != 0) return;
@@ -110,7 +112,7 @@ __device__ __forceinline__ int64_t ll_wait_peer(const LlStatic& s, const char* w
 // we still hear from report (from the next call on; a wait already under way
 // takes it at its next poll, above). Masked peers' reports are not read. One
 // warp of one block, off the critical path.
-inline __device__ void ll_exchange_mask_reports(const LlStatic& s, const LlCallMask& call) {
+static __device__ __noinline__ void ll_exchange_mask_reports(const LlStatic& s, const LlCallMask& call) {
   const LlLayout& L = s.layout;
   const int lane = threadIdx.x & 31, R = s.nranks;
   if (call.self_masked) return;

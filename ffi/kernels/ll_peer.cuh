@@ -21,12 +21,16 @@ struct LlPeer {
   int32_t pad;
 };
 
-// Port-channel operations (one thread each, in push order per channel).
-__device__ __forceinline__ void ll_port_put(ChannelDeviceHandle* h, int peer, uint64_t dst,
+// Port-channel operations (one thread each, in push order per channel). Out of
+// line: each is a FIFO push with back-pressure and timeout handling, far more
+// code than the direct path it sits beside, and the LL kernels' fixed cost is
+// largely instruction fetch (issue 14), so a memory peer's path should not
+// carry it. A call costs nothing next to the proxy's microseconds.
+static __device__ __noinline__ void ll_port_put(ChannelDeviceHandle* h, int peer, uint64_t dst,
                                             uint64_t src, uint64_t bytes) {
   h[peer].port.put(dst, src, bytes);
 }
-__device__ __forceinline__ void ll_port_add(ChannelDeviceHandle* h, int peer, uint64_t dst,
+static __device__ __noinline__ void ll_port_add(ChannelDeviceHandle* h, int peer, uint64_t dst,
                                             int64_t delta) {
   h[peer].port.atomicAdd(dst, delta);
 }
@@ -51,8 +55,9 @@ __device__ __forceinline__ void ll_release_add_gpu(int32_t* p, int32_t v) {
 // give up: another wait already failed, or this one outlived the timeout.
 // The error record is host-mapped, so callers poll it only every few
 // thousand spins: reading it on every spin floods PCIe (and the port
-// channels' FIFO shares that link).
-__device__ __forceinline__ bool ll_wait_expired(uint64_t start, int64_t seen, const WaitSite& site) {
+// channels' FIFO shares that link). Out of line: it runs once per
+// kLlPollEvery spins, and every wait site would otherwise carry a copy.
+static __device__ __noinline__ bool ll_wait_expired(uint64_t start, int64_t seen, const WaitSite& site) {
   if (site.error != nullptr &&
       error_aborts_waits(*reinterpret_cast<volatile int32_t*>(&site.error->code)))
     return true;

@@ -62,14 +62,18 @@ def scatter_expected(r, idx, w, g, src, lr, owner):
     return want.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-@pytest.mark.parametrize("routing", ["random", "dups", "one_expert", "remote"])
-def test_backward_exchanges(group, rng, routing):
+# T = 3: the dispatch kernel's slots come from the ids below 5 tokens (ll_dispatch.cu).
+@pytest.mark.parametrize("routing,t", [("random", M), ("dups", M), ("one_expert", M),
+                                       ("remote", M), ("dups", 3), ("one_expert", 3)],
+                         ids=["random", "dups", "one_expert", "remote", "dups-T3",
+                              "one_expert-T3"])
+def test_backward_exchanges(group, rng, routing, t):
     """combine's backward, exactly: scatter_to_rows rows (weighted, in the forward handle's
     order, zeros elsewhere) and gather_rows per-slot rows (zeros if masked)."""
     r, buf = group.num_ranks, group.buffer(E, M, H)
     f = COMPILED.setdefault(("bwd", buf.id), bwd_fn(group, buf))
-    x, idx, w = inputs(rng, r, M, H, K, E, routing=routing)
-    g = rng.standard_normal((r, M, H)).astype(ml_dtypes.bfloat16)
+    x, idx, w = inputs(rng, r, t, H, K, E, routing=routing)
+    g = rng.standard_normal((r, t, H)).astype(ml_dtypes.bfloat16)
     a = rng.uniform(0.5, 2.0, (E, r, M)).astype(np.float32)
     v = rng.standard_normal(H).astype(np.float32)
     rep = lambda z: np.broadcast_to(z, (r,) + z.shape)
@@ -82,7 +86,7 @@ def test_backward_exchanges(group, rng, routing):
                                    err_msg=f"scatter_to_rows ({routing}) rank {rank}")
         ok = (idx[rank] >= 0) & (idx[rank] < E)
         ex = np.where(ok, idx[rank], 0)
-        scale = np.where(ok, a[ex, rank, np.arange(M)[:, None]], 0.0).astype(np.float32)
+        scale = np.where(ok, a[ex, rank, np.arange(t)[:, None]], 0.0).astype(np.float32)
         want_g = (scale[..., None] * v).astype(ml_dtypes.bfloat16).astype(np.float32)
         np.testing.assert_array_equal(per_slot[rank].astype(np.float32), want_g,
                                       f"gather_rows ({routing}) rank {rank}")
