@@ -224,20 +224,20 @@ __device__ __forceinline__ int64_t ll_load_idx(const void* p, int64_t i, bool id
 // Token t's K ids into ev (-1 past K, or all when !on), every load issued before
 // any is used: with int32 ids a per-slot ll_load_idx widens each value as it
 // lands, so the loads would wait on one another.
+template <typename Id>
+__device__ __forceinline__ void ll_load_ids_as(const Id* q, int K, bool on, int64_t (&ev)[kLlMaxTopk]) {
+  Id v[kLlMaxTopk];  // in the ids' own type: widened only once all are requested
+#pragma unroll
+  for (int k = 0; k < kLlMaxTopk; ++k) v[k] = on && k < K ? q[k] : Id(-1);
+#pragma unroll
+  for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = v[k];
+}
 __device__ __forceinline__ void ll_load_ids(const void* p, int64_t t, int K, bool idx64, bool on,
                                             int64_t (&ev)[kLlMaxTopk]) {
-  if (idx64) {
-    const int64_t* q = static_cast<const int64_t*>(p) + t * K;
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = on && k < K ? q[k] : -1;
-  } else {
-    const int32_t* q = static_cast<const int32_t*>(p) + t * K;
-    int32_t v[kLlMaxTopk];
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) v[k] = on && k < K ? q[k] : -1;
-#pragma unroll
-    for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = v[k];
-  }
+  if (idx64)
+    ll_load_ids_as(static_cast<const int64_t*>(p) + t * K, K, on, ev);
+  else
+    ll_load_ids_as(static_cast<const int32_t*>(p) + t * K, K, on, ev);
 }
 
 __device__ __forceinline__ void ll_mark_start(LlDeviceState* st, int32_t seq) {
