@@ -23,8 +23,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 
 import jax_mscclpp_ep as ep  # noqa: E402
 
@@ -59,13 +57,8 @@ def main():
     a = parse()
     m, h, k, e = map(int, a.shape.split(","))
     tokens = [int(t) for t in a.tokens.split(",")]
-    gpus = [d for d in jax.devices() if d.platform == "gpu"][:1]
-    if not gpus:
-        raise SystemExit("bench_latency needs a GPU")
-    mesh = Mesh(np.array(gpus), ("ep",))
-    hx, hidx, hw, hy = bench_ll.host_inputs(1, m, h, k, e)
-    (y,) = bench_ll.put(mesh, hy)
-    out = {"label": a.label, "device_kind": gpus[0].device_kind, "jax": jax.__version__,
+    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_latency", m, h, k, e)
+    out = {"label": a.label, "device_kind": gpu.device_kind, "jax": jax.__version__,
            "host": platform.node(), "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1},
            "steps": a.steps, "metric": "median CUPTI kernel duration (us) over the loop's launches; "
            "globaltimer: the kernels' own mean", "sweep": []}

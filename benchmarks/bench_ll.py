@@ -121,6 +121,18 @@ def put(mesh, *arrays):
     return [jax.device_put(np.ascontiguousarray(a), sh) for a in arrays]
 
 
+def one_gpu_setup(script, m, h, k, e):
+    """(the GPU, its one-device mesh, host x/topk_idx/weights [1, M, ...], y on the GPU) for
+    the single-GPU (R = 1) latency benchmarks."""
+    gpus = [d for d in jax.devices() if d.platform == "gpu"][:1]
+    if not gpus:
+        raise SystemExit(f"{script} needs a GPU")
+    mesh = Mesh(np.array(gpus), ("ep",))
+    hx, hidx, hw, hy = host_inputs(1, m, h, k, e)
+    (y,) = put(mesh, hy)
+    return gpus[0], mesh, (hx, hidx, hw), y
+
+
 def inputs(mesh, r, m, h, k, e, seed=0):
     return put(mesh, *host_inputs(r, m, h, k, e, seed))
 

@@ -3,7 +3,7 @@
 Needs a build with the probes compiled in:
   CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJMEP_LL_PROBES" python3 -m pip install --no-build-isolation .
 Runs a jitted loop of dispatch(fp8) + combine steps per shape and prints, for each
-kernel, the mean time (µs, from the first block's start) at which the last block
+kernel, the mean time (µs, from block 0's first instruction) at which the last block
 passed each phase probe:
   dispatch: 0 all blocks running (since issue 14: messages counted, first slots claimed),
             1 tokens sent (with their counts), 2 counts published, 3 rows received
@@ -11,6 +11,9 @@ passed each phase probe:
 then the last thread at each event probe (no barrier):
   dispatch: 4 a signal add begins, 5 it returned, 6 a count with rows seen, 7 a row copied
   combine:  4 a flag add begins, 5 it returned, 6 a token's flag seen, 7 a token reduced
+  both:     8 the state read returned (last block), 12 the call's start mark (t_start)
+  dispatch: 9 a message's stores issued (warp 0), 10 a count laid out, 11 a row's token id in
+  combine:  9 a row's token id in (send), 10 a reduce starts, 11 its first loads in
 plus the kernel's total (to its last block's end).
 
   python3 benchmarks/phase_probes.py [--shapes "T,H,K,E[,M];..."] [--steps 200]
@@ -34,9 +37,15 @@ import jax_mscclpp_ep as ep  # noqa: E402
 from jax_mscclpp_ep.native import ext as _ep  # noqa: E402
 
 PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows received",
-                       "| add begins", "add returned", "count seen", "row copied"),
+                       "| add begins", "add returned", "count seen", "row copied",
+                       "state read", "stores issued", "counts laid out", "token id in",
+                       "t_start", "| cycles: seen->laid out", "laid out->id in",
+                       "id in->row stored", "recv start->seen", "state->claimed",
+                       "claimed->counted", "counted->stored"),
           "combine": ("running", "rows sent", "tokens reduced", "flags seen",
-                      "| add begins", "add returned", "flag seen", "reduced")}
+                      "| add begins", "add returned", "flag seen", "reduced",
+                      "state read", "token id in", "reduce starts", "first loads in",
+                      "t_start")}
 
 
 def run_shape(mesh, t, h, k, e, m, steps, force_port):
@@ -77,6 +86,8 @@ def run_shape(mesh, t, h, k, e, m, steps, force_port):
             return None
         total = sum(rw[ci + 2] for rw in rows) / calls / 1e3
         probes = [sum(rw[pi + i] for rw in rows) / calls / 1e3 for i in range(n)]
+        if n > 12:  # probes count from block 0's first instruction, the total from t_start
+            total += probes[12]
         out[kind] = (probes, total)
     return out
 
@@ -88,7 +99,7 @@ def main():
     ap.add_argument("--force-port", action="store_true")
     a = ap.parse_args()
     mesh = Mesh(np.array(jax.devices()), ("ep",))
-    print(f"{mesh.size}x {jax.devices()[0].device_kind}, µs from the kernel's first block start")
+    print(f"{mesh.size}x {jax.devices()[0].device_kind}, µs from block 0's first instruction")
     for spec in a.shapes.split(";"):
         t, h, k, e, *m = map(int, spec.split(","))
         m = m[0] if m else t
@@ -97,7 +108,9 @@ def main():
             print("no probe data: build with -DJMEP_LL_PROBES (see the docstring)")
             return
         for kind, (probes, total) in res.items():
-            cells = ", ".join(f"{n} {v:.1f}" for n, v in zip(PROBES[kind], probes))
+            # probes 13..: segment cycles (max over warps), printed as cycles
+            cells = ", ".join(f"{n} {v * 1e3:.0f}" if i >= 13 else f"{n} {v:.1f}"
+                              for i, (n, v) in enumerate(zip(PROBES[kind], probes)))
             print(f"T={t} M={m} H={h} K={k} E={e} {kind:8s}: {cells}; end {total:.1f}")
 
 

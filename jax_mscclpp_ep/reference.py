@@ -49,8 +49,8 @@ class DispatchOut(NamedTuple):
 
 def valid_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     """[T, K] bool: slot sends a message (id in range and first occurrence in its row)."""
-    idx = topk_idx.astype(jnp.int32)
-    in_range = (idx >= 0) & (idx < num_experts)
+    in_range = _in_range(topk_idx, num_experts)
+    idx = jnp.where(in_range, topk_idx, -1).astype(jnp.int32)
     k = idx.shape[1]
     earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [k, k']: k' < k
     dup = jnp.any((idx[:, :, None] == idx[:, None, :]) & earlier[None], axis=2)
@@ -59,8 +59,13 @@ def valid_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
 
 def combine_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     """[T, K] bool: slot contributes to combine (every in-range slot, duplicates too)."""
-    idx = topk_idx.astype(jnp.int32)
-    return (idx >= 0) & (idx < num_experts)
+    return _in_range(topk_idx, num_experts)
+
+
+def _in_range(topk_idx: jax.Array, num_experts: int) -> jax.Array:
+    """In [0, E), compared in the ids' own dtype: an int64 id narrowed to int32 first
+    could wrap into the range (2**32 + 3 -> 3); the kernels drop it, so do we."""
+    return (topk_idx >= 0) & (topk_idx < num_experts)
 
 
 def rank_index(axis_name):

@@ -14,15 +14,14 @@ import sys
 import numpy as np
 import pytest
 
+import _bench_module
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
 def _plot_ll():
-    spec = importlib.util.spec_from_file_location("plot_ll", BENCH / "plot_ll.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module.load("plot_ll")
 
 
 def _synthetic(tokens):

@@ -4,20 +4,15 @@ jax.profiler's trace names the host's launch of a custom call's kernel like the 
 itself (a few µs each, one per launch); counting those too once halved the medians of
 issue 14's table. A synthetic trace with both kinds of event checks the filter.
 """
-import importlib.util
-import pathlib
 import statistics
 
 import numpy as np
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+import _bench_module
 
 
 def _kernel_trace():
-    spec = importlib.util.spec_from_file_location("kernel_trace", BENCH / "kernel_trace.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module.load("kernel_trace")
 
 
 def _trace(rng, n):

@@ -1,22 +1,18 @@
 """benchmarks/ncu_durations.py reads ncu's CSV (CPU only): per (kernel, grid) medians in µs,
 whatever unit ncu picked for a row, ncu's own log lines before the table ignored."""
-import importlib.util
-import pathlib
 import statistics
 
 import numpy as np
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+import _bench_module
+
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
           '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
           '"Metric Value"')
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("ncu_durations", BENCH / "ncu_durations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module.load("ncu_durations")
 
 
 def _row(i, name, grid, unit, value, metric="gpu__time_duration.sum"):

@@ -109,6 +109,15 @@ class DispatchVsOracle(parameterized.TestCase):
             _, _, outs, _ = _check_dispatch(4, 5, 128, 3, 8, 6, idx_dtype=np.int64)
             assert outs[4].dtype == np.int64 and outs[4].shape == (4, 2, 4)
 
+    def test_int64_ids_beyond_int32_are_dropped(self):
+        # The low words are in range, the ids are not: narrowing to int32 first would
+        # send 2**32 + 1 to expert 1 (the kernels compare the whole id).
+        idx = np.array([[[1, 2**32 + 1, -2**32 + 2], [0, 2**32 + 3, 2]],
+                        [[3, -1, 2**32], [2**33 + 1, 2, -2]]], np.int64)
+        with jax.enable_x64(True):
+            _, _, outs, _ = _check_dispatch(2, 2, 128, 3, 4, 2, idx=idx, idx_dtype=np.int64)
+            assert outs[2].sum() == 5
+
     def test_layout_range_packing_x64(self):
         with jax.enable_x64(True):
             _, _, outs, _ = _check_dispatch(2, 6, 128, 3, 4, 6)

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 
@@ -12,9 +13,14 @@
 
 namespace jmep {
 
-// Probes 0..3 are phase probes (ll_probe: the last block past a barrier), 4..7
-// event probes (ll_probe_at: the last thread at a point, no barrier).
-constexpr int kLlProbes = 8;
+// Probes 0..3 are phase probes (ll_probe: the last block past a barrier), 4..11
+// event probes (ll_probe_at: the last warp at a point, no barrier), 12 the
+// call's start mark (t_start). In probe builds every probe counts from block
+// 0's first instruction (ll_probe_entry), which is ahead of t_start by the
+// state read. 13..19 are segments (ll_probe_seg): SM cycles one warp spent
+// between two of its own points, the most any warp spent.
+constexpr int kLlProbes = 20;
+constexpr int kLlProbeStart = 12, kLlProbeSeg0 = 13;
 
 // The most blocks an LL kernel is launched with (the registry caps the grid):
 // each block keeps its own copy of the call's seq (LlDeviceState::seq).
@@ -55,6 +61,7 @@ struct LlDeviceState {
   // goes): latest time any block passed probe i, and its sum over calls.
   unsigned long long probe_max[kLlProbes];
   uint64_t sum_probe_ns[2][kLlProbes];
+  uint64_t probe_entry;  // block 0's first instruction in the current call
   // Per masked peer: who masked it (this rank, or -1: the host) and in which phase.
   int32_t mask_by[kLlMaxRanks];
   int32_t mask_phase[kLlMaxRanks];
@@ -221,27 +228,53 @@ __device__ __forceinline__ int64_t ll_load_idx(const void* p, int64_t i, bool id
   return idx64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
 }
 
-// Token t's K ids into ev (-1 past K, or all when !on), every load issued before
-// any is used: with int32 ids a per-slot ll_load_idx widens each value as it
-// lands, so the loads would wait on one another.
-template <typename Id>
-__device__ __forceinline__ void ll_load_ids_as(const Id* q, int K, bool on, int64_t (&ev)[kLlMaxTopk]) {
-  Id v[kLlMaxTopk];  // in the ids' own type: widened only once all are requested
-#pragma unroll
-  for (int k = 0; k < kLlMaxTopk; ++k) v[k] = on && k < K ? q[k] : Id(-1);
-#pragma unroll
-  for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = v[k];
+// An expert id narrowed to int: the id in [0, E), -1 ("no expert"), or -2
+// (out of range: dropped). Narrowed once, so the kernels' compares, shuffles
+// and divisions on it are 32-bit (an int64 division is a software call).
+__device__ __forceinline__ int ll_expert_id(int64_t v, int E) {
+  return v >= 0 && v < E ? static_cast<int>(v) : v == -1 ? -1 : -2;
 }
-__device__ __forceinline__ void ll_load_ids(const void* p, int64_t t, int K, bool idx64, bool on,
-                                            int64_t (&ev)[kLlMaxTopk]) {
-  if (idx64)
-    ll_load_ids_as(static_cast<const int64_t*>(p) + t * K, K, on, ev);
-  else
-    ll_load_ids_as(static_cast<const int32_t*>(p) + t * K, K, on, ev);
+constexpr int kLlNoLane = INT_MIN;  // a lane past K: equal to no id
+
+// An id as loaded (int32 ids: lo; int64: both words), narrowed only when used:
+// widening an int32 id as it lands would make a batch of loads wait on one
+// another.
+struct LlIdParts {
+  int lo, hi;
+};
+__device__ __forceinline__ void ll_load_id_parts(const void* p, int64_t i, bool idx64, bool on,
+                                                 LlIdParts* out) {
+  out->lo = -1;
+  out->hi = -1;
+  if (!on) return;
+  if (idx64) {
+    const int2 v = static_cast<const int2*>(p)[i];  // little-endian: low word first
+    out->lo = v.x;
+    out->hi = v.y;
+  } else {
+    out->lo = static_cast<const int32_t*>(p)[i];
+  }
+}
+__device__ __forceinline__ int ll_expert_id(const LlIdParts& id, int E, bool idx64) {
+  const int hi = idx64 ? id.hi : id.lo >> 31;  // int32: the sign
+  if (hi == 0 && static_cast<unsigned>(id.lo) < static_cast<unsigned>(E)) return id.lo;
+  return hi == -1 && id.lo == -1 ? -1 : -2;
+}
+
+__device__ __forceinline__ unsigned ll_lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
 }
 
 __device__ __forceinline__ void ll_mark_start(LlDeviceState* st, int32_t seq) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) st->rec[seq & 1].t_start = globaltimer_ns();
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint64_t t = globaltimer_ns();
+    st->rec[seq & 1].t_start = t;
+#if defined(JMEP_LL_PROBES)
+    st->probe_max[kLlProbeStart] = t;
+#endif
+  }
 }
 
 // Called by every block once its send phase is over (after a __syncthreads).
@@ -294,6 +327,53 @@ __device__ __forceinline__ void ll_probe_at(LlDeviceState* st, int i) {
 #endif
 }
 
+// Event probe i once `dep` (a loaded value) has arrived: the branch on it
+// keeps the timer read behind the load.
+__device__ __forceinline__ void ll_probe_after(LlDeviceState* st, int i, int dep) {
+#if defined(JMEP_LL_PROBES)
+  if (dep != 0x7fffffff) ll_probe_at(st, i);
+#else
+  (void)st, (void)i, (void)dep;
+#endif
+}
+
+// Segment probe i: lane 0 records the cycles since *t (its own clock), and
+// *t moves here. Per warp, so the SMs' unsynchronised clocks do not matter.
+__device__ __forceinline__ void ll_probe_seg(LlDeviceState* st, int i, long long* t) {
+#if defined(JMEP_LL_PROBES)
+  const long long now = clock64();
+  if ((threadIdx.x & 31) == 0)
+    atomicMax(&st->probe_max[i], static_cast<unsigned long long>(now - *t));
+  *t = now;
+#else
+  (void)st, (void)i, (void)t;
+#endif
+}
+// ll_probe_seg once `dep` (a loaded value) has arrived (see ll_probe_after).
+__device__ __forceinline__ void ll_probe_seg_after(LlDeviceState* st, int i, long long* t, int dep) {
+#if defined(JMEP_LL_PROBES)
+  if (dep != 0x7fffffff) ll_probe_seg(st, i, t);
+#else
+  (void)st, (void)i, (void)t, (void)dep;
+#endif
+}
+__device__ __forceinline__ long long ll_probe_clock() {
+#if defined(JMEP_LL_PROBES)
+  return clock64();
+#else
+  return 0;
+#endif
+}
+
+// Probe builds: block 0 marks its first instruction, the probes' zero.
+__device__ __forceinline__ void ll_probe_entry(LlDeviceState* st) {
+#if defined(JMEP_LL_PROBES)
+  if (blockIdx.x == 0 && threadIdx.x == 0) st->probe_entry = globaltimer_ns();
+#else
+  (void)st;
+#endif
+}
+
 // Block-wide epilogue: this block's seq words move to the next call (flipping
 // the half), and its end time goes into the call's record (`kind`: 0 dispatch,
 // 1 combine). No fence and no returning atomic: the next kernel on the stream
@@ -311,10 +391,10 @@ __device__ __forceinline__ void ll_finish_call(LlDeviceState* st, int32_t seq, i
 #if defined(JMEP_LL_PROBES)
   // Probe builds: the last block folds the probes (its round trip is theirs).
   if (atomicAdd(&st->blocks_done, 1) == static_cast<int>(gridDim.x) - 1) {
-    const uint64_t t0 = *reinterpret_cast<volatile uint64_t*>(&r.t_start);
+    const uint64_t t0 = *reinterpret_cast<volatile uint64_t*>(&st->probe_entry);
     for (int i = 0; i < kLlProbes; ++i) {
       const uint64_t tp = atomicAdd(&st->probe_max[i], 0ull);
-      st->sum_probe_ns[kind][i] += tp > t0 ? tp - t0 : 0;
+      st->sum_probe_ns[kind][i] += i >= kLlProbeSeg0 ? tp : tp > t0 ? tp - t0 : 0;
       st->probe_max[i] = 0;
     }
     st->blocks_done = 0;

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineArgs a) {
   const LlStatic& s = a.s;
   const LlLayout& L = s.layout;
+  ll_probe_entry(s.state);
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
 
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
   if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
+  if (tid == 0) ll_probe_at(s.state, 8);  // the state read returned (last block)
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
   const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
@@ -141,6 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
       // The row's token id picks the destination; its bytes load meanwhile.
       ll_warp_copy_late<false>(src, n, lane, [&]() -> uint4* {
+        ll_probe_after(s.state, 9, tok);  // the row's token id arrived (its loads in flight)
         if (tok < 0 || tok >= M) return nullptr;
         char* base = s.peer_kind[r] == kLlPort
                          ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
@@ -205,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_w[tid] = kPerSlot ? 0.f : first ? w_first : a.topk_weights[int64_t(t) * K + tid];
     }
     __syncthreads();
+    if (warp == 0) ll_probe_at(s.state, 10);  // the token's flags seen: the reduce starts
     if (kPerSlot) {
       uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * K * row_bytes);
       for (int i = tid; i < K * nvec; i += blockDim.x) {
@@ -235,6 +239,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           v[0][u] = e < 0 ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c0);
           v[1][u] = e < 0 || c1 >= hi ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c1);
         }
+        if (warp == 0 && k0 == 0 && c0 == lo + tid)
+          ll_probe_after(s.state, 11, static_cast<int>(v[0][0].x));  // the first loads landed
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
           if (k0 + u >= K || s_exp[k0 + u] < 0) continue;

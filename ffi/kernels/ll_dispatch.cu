@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ll_dispatch_kernel(const __grid_constant__ LlDispatchArgs a) {
   const LlStatic& s = a.s;
   const LlLayout& L = s.layout;
+  ll_probe_entry(s.state);
   __shared__ int s_dst[kLlMaxTopk];
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ int s_slot[kLlMaxTopk];
@@ -115,17 +116,32 @@ __global__ void __launch_bounds__(kThreads, 1)
                            : -2;
     }
   }
-  // Warps 1.. count (below): their first token's ids are requested now too,
-  // so that round trip overlaps the state read's instead of following it.
-  int64_t ev_first[kLlMaxTopk];
-  ll_load_ids(a.topk_idx, tid - 32, K, a.idx64, (a.phases & kLlPhaseSend) && warp > 0 && tid - 32 < T,
-              ev_first);
+  // Warps 1.. count (below), in passes of 32 / g tokens a warp (g = 8 lanes
+  // a token when K <= 8, else 16), lane g h + k on slot k of the pass's token
+  // h. Their first batch of passes (T <= 480 at K <= 8) is requested now, so
+  // that round trip overlaps the state read's instead of following it.
+  constexpr int kBatch = 8;
+  const int cg = K <= 8 ? 8 : 16, cpw = 32 / cg;  // lanes a token, tokens a warp
+  const int cw = warp - 1, ncw = nwarps - 1, ch = lane / cg, ck = lane % cg;
+  auto count_token = [&](int pass) { return cpw * (cw + pass * ncw) + ch; };
+  auto load_batch = [&](int b, LlIdParts (&id)[kBatch]) {
+#pragma unroll
+    for (int p = 0; p < kBatch; ++p) {
+      const int t = count_token(b + p);
+      ll_load_id_parts(a.topk_idx, int64_t(t) * K + ck, a.idx64,
+                       (a.phases & kLlPhaseSend) && warp > 0 && t < T && ck < K, &id[p]);
+    }
+  };
+  LlIdParts first_ids[kBatch];
+  load_batch(0, first_ids);
   // Block 0 passes the order token on at its end: loaded now, not then.
   const int32_t order = blockIdx.x == 0 && tid == 0 ? *a.order_in : 0;
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
   if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
+  if (tid == 0) ll_probe_at(s.state, 8);  // the state read returned (last block)
+  long long tseg = ll_probe_clock();  // segment probes (cycles, per warp)
   const int half = seq & 1, prev = half ^ 1;
   int32_t* slot_ctr = s.slot_ctr + (seq & 1) * E;  // this call's row
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
@@ -134,17 +150,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t msg_bytes = kLlHeaderBytes + payload;
 
   // Warp 0 claims the slots of part `part` of token t: lane k holds slot k's
-  // expert; duplicates and weight sums come from shuffles (one load of the
-  // row's indices, no re-reads). (e, wk): the lane's slot of token t, loaded by
-  // ids() ahead of the claim. Part 0 counts the token's dropped ids.
-  auto claim = [&](int part, int64_t e, float wk, bool from_ids) {
-    bool dup = false;  // one message per (token, expert): only the first slot sends
-    float w = 0.f;     // weighted: the expert's weight, all of its slots in slot order
-    for (int k2 = 0; k2 < K; ++k2) {
-      const int64_t o = __shfl_sync(0xffffffffu, e, k2);
-      const float ow = __shfl_sync(0xffffffffu, wk, k2);
-      dup |= k2 < lane && o == e;
-      if (o == e) w = __fadd_rn(w, ow);
+  // expert; duplicates and weight sums come from the warp's lanes (one load
+  // of the row's indices, no re-reads). (e64, wk): the lane's slot of token t,
+  // loaded by ids() ahead of the claim. Part 0 counts the token's dropped ids.
+  // At T = 1 this and the count are the first phase's critical path, run by
+  // one warp each: few instructions matter more than few round trips here.
+  auto claim = [&](int part, int t, int64_t e64, float wk, bool from_ids) {
+    // In int from here (an int64 division is a ~100-instruction call, an
+    // int64 shuffle two): the id in [0, E), -1 "none", -2 out of range.
+    const int e = lane < K ? ll_expert_id(e64, E) : kLlNoLane;
+    // One message per (token, expert): only the first slot holding e sends.
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const bool dup = (same & ll_lanemask_lt()) != 0;
+    float w = 0.f;  // weighted: the expert's weight, all of its slots in slot order
+    if (weighted) {
+      for (int k2 = 0; k2 < K; ++k2) {
+        const float ow = __shfl_sync(0xffffffffu, wk, k2);
+        if ((same >> k2) & 1u) w = __fadd_rn(w, ow);
+      }
     }
     // Direct slot: how many earlier tokens also go to e (each sends e at most
     // one message, and they are numbered in token order), so no atomic round
@@ -153,17 +176,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (from_ids) {
 #pragma unroll
       for (int t2 = 0; t2 + 1 < kDirectSlotsMaxT; ++t2) {
+        if (t2 >= t) break;  // uniform: t is the warp's token
+        const int eb = lane < K ? ll_expert_id(e_before[t2], E) : kLlNoLane;
         bool hit = false;
-        for (int k2 = 0; k2 < K; ++k2) hit |= __shfl_sync(0xffffffffu, e_before[t2], k2) == e;
+        for (int k2 = 0; k2 < K; ++k2) hit |= __shfl_sync(0xffffffffu, eb, k2) == e;
         before += hit;
       }
     }
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
-      const bool lead = part == 0, valid = e >= 0 && e < E;
-      // In int from here: an int64 division is a ~100-instruction call.
-      const int ei = valid ? static_cast<int>(e) : 0, owner = ei / LE;
+      const bool lead = part == 0, valid = e >= 0;
+      const int ei = valid ? e : 0, owner = ei / LE;
       if (valid && !mask.reachable(owner)) {
         if (!weighted && lead) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
       } else if (valid) {
@@ -178,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         atomicAdd(&s.state->dropped, 1);
       }
       s_dst[lane] = dst;
-      s_exp[lane] = static_cast<int>(e);
+      s_exp[lane] = e;
       s_slot[lane] = slot;
       s_off[lane] = off;
     }
@@ -190,35 +214,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   // round trip to L2 and the row's load overlap the counting.
   if (send_experts > 0) {
     if (warp == 0) {
-      if (blockIdx.x < units) claim(blockIdx.x % G, e0, w0, direct);
+      if (blockIdx.x < units) claim(blockIdx.x % G, blockIdx.x / G, e0, w0, direct);
+      if (blockIdx.x < units) ll_probe_seg(s.state, 17, &tseg);  // state read -> slots claimed
     } else {
-      const int n = blockDim.x - 32, i0 = tid - 32;
-      for (int e = i0; e < E; e += n) s_hist[e] = 0;
+      const int n = blockDim.x - 32;
+      for (int e = tid - 32; e < E; e += n) s_hist[e] = 0;
       asm volatile("bar.sync 1, %0;" ::"r"(n) : "memory");  // warps 1.. only
-      for (int t = i0; t < T; t += n) {
-        // The token's ids are all requested before the first shared add: the
-        // compiler keeps a load after an atomic that precedes it, so loading
-        // as we count would pay one L2 round trip per slot.
-        int64_t ev[kLlMaxTopk];
-        if (t == i0) {
+      // A pass: lane g h + k holds slot k of token count_token(pass) (h = ch);
+      // the slot counts when it is the first of its token to hold its expert
+      // (one match across the warp, keyed by expert and token). A batch's
+      // passes are requested together (a pass per round trip would cost ~0.6
+      // us each), and the shared adds follow them: the compiler keeps a load
+      // after an atomic that precedes it.
+      const unsigned lt = ll_lanemask_lt();
+      for (int b = 0; count_token(b) - ch < T; b += kBatch) {  // uniform over the warp
+        LlIdParts id[kBatch];
+        if (b == 0) {
 #pragma unroll
-          for (int k = 0; k < kLlMaxTopk; ++k) ev[k] = ev_first[k];
+          for (int p = 0; p < kBatch; ++p) id[p] = first_ids[p];
         } else {
-          ll_load_ids(a.topk_idx, t, K, a.idx64, true, ev);
+          load_batch(b, id);
         }
-        int e32[kLlMaxTopk];  // the id in [0, E), else -1 (int: no int64 division)
 #pragma unroll
-        for (int k = 0; k < kLlMaxTopk; ++k) {
-          e32[k] = ev[k] >= 0 && ev[k] < E ? static_cast<int>(ev[k]) : -1;
-          bool fresh = e32[k] >= 0 && mask.reaches_expert(e32[k], LE);
-#pragma unroll
-          for (int k2 = 0; k2 < k; ++k2) fresh &= e32[k2] != e32[k];
-          if (fresh) atomicAdd(&s_hist[e32[k]], 1);
+        for (int p = 0; p < kBatch; ++p) {
+          if (count_token(b + p) - ch >= T) break;  // uniform
+          const int e = ll_expert_id(id[p], E, a.idx64);
+          const int key = e >= 0 ? (e << 2) | ch : -1 - lane;  // unique where not counted
+          const bool first = (__match_any_sync(0xffffffffu, key) & lt) == 0;
+          if (e >= 0 && first && mask.reaches_expert(e, LE)) atomicAdd(&s_hist[e], 1);
         }
       }
     }
   }
   __syncthreads();
+  if (warp == 0 && blockIdx.x < units) ll_probe_seg(s.state, 18, &tseg);  // -> the block's count done
   ll_probe(s.state, 0);  // every block running, messages counted, first slots claimed
 
   // ---------------------------------------------------------------- send
@@ -230,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int64_t e;
         float wk;
         ids(t, &e, &wk);
-        claim(0, e, wk, false);  // T > grid here: never direct
+        claim(0, t, e, wk, false);  // T > grid here: never direct
       }
       __syncthreads();
     }
@@ -292,6 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid < nvec) store_all(kLlHeaderBytes + int64_t(tid) * 16, pre0);
       if (tid + kThreads < nvec) store_all(kLlHeaderBytes + int64_t(tid + kThreads) * 16, pre1);
     }
+    if (warp == 0) ll_probe_at(s.state, 9);  // the message stores issued (warp 0)
+    if (warp == 0 && u == blockIdx.x) ll_probe_seg(s.state, 19, &tseg);  // -> stores issued
     if (any_port) __threadfence_system();  // staged bytes visible to the proxy's copy
     __syncthreads();
     // Thread k signals message k. The __syncthreads ordered the block's stores
@@ -354,6 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j >= recv_experts) break;
     // Loaded before the wait, so its round trip overlaps it (its store follows the count).
     const int32_t stats = gw == 0 && lane == 0 && !weighted ? a.stats_in[j] : 0;
+    long long trs = ll_probe_clock();
     int cnt[2], incl[2];  // counts of source ranks lane and lane + 32, inclusive prefix
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -376,6 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     incl[1] += __shfl_sync(0xffffffffu, incl[0], 31);
     const int total = __shfl_sync(0xffffffffu, incl[1], 31);
+    if (total > 0) ll_probe_seg(s.state, 16, &trs);  // receive start -> counts seen, scanned
     if (gw == 0 && !weighted) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -389,6 +422,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         a.stats_out[j] = stats + total;
       }
     }
+    if (total > 0) ll_probe_at(s.state, 10);  // counts laid out, handle stored
+    if (total > 0) ll_probe_seg(s.state, 13, &trs);  // -> counts laid out
     if (weighted) {  // rows past the block hold no (token, expert): gradient 0
       for (int row = total + gw; row < R * M; row += wpe) {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) +
@@ -437,6 +472,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // (Part 0 always has vectors: n > 0 there.)
       auto dst_at = [&](uint4* d) {
         return [&, d]() {
+          ll_probe_after(s.state, 11, tok);  // the row's token id arrived (its loads in flight)
+          ll_probe_seg_after(s.state, 14, &trs, tok);  // -> token id in
           if (lane == 0 && part == 0) a.src_info[out_row] = tok;
           return d + c0;
         };
@@ -454,6 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
         if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
         ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
+        ll_probe_seg(s.state, 15, &trs);  // -> row stores issued
       } else {
         uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
         if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));

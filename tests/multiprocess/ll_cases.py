@@ -179,6 +179,19 @@ def test_shape(group, rng, name):
                use_fp8=use_fp8)
 
 
+@pytest.mark.parametrize("t", [3, 128])
+def test_int64_wide_ids(group, rng, t):
+    """int64 ids whose low 32 bits are in range but the id is not: dropped, not sent
+    (T = 3 takes the slots from the ids, T = 128 from the atomic claims)."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        check_step(group, rng, group.buffer(64, 128, 2048),
+                   *inputs(rng, group.num_ranks, t, 2048, 8, 64, routing="wide",
+                           idx_dtype=np.int64), use_fp8=t == 3)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def test_int64_x64(group, rng):
     """int64 topk_idx with jax_enable_x64 (layout_range becomes int64[LE, R])."""
     jax.config.update("jax_enable_x64", True)

@@ -15,13 +15,15 @@ import jax_mscclpp_ep as ep
 from jax_mscclpp_ep import testing
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-ROUTINGS = ("random", "one_expert", "remote", "local", "dups", "masked")
+ROUTINGS = ("random", "one_expert", "remote", "local", "dups", "masked", "wide")
 
 
 def inputs(rng, r, t, h, k, e, *, routing="random", idx_dtype=np.int32):
     """x [R,T,H] bf16 (never zeros), weights [R,T,K] > 0, and topk_idx [R,T,K] of one of
     ROUTINGS: random distinct experts (20 % masked), every token to one expert, only
-    other ranks' experts, only this rank's, repeats and ids outside [-1, E), all -1."""
+    other ranks' experts, only this rank's, repeats and ids outside [-1, E), all -1, or
+    (int64 only) "dups" with a third of the ids moved by +-2**32: their low word is an
+    id in range, the whole id is not (the kernels narrow ids to 32 bits)."""
     x, idx, w = u.make_inputs(rng, r, t, h, k, e, idx_dtype=np.int64)
     w = w * np.float32(0.9) + np.float32(0.1)  # > 0: every valid slot counts in combine
     le = e // r
@@ -40,6 +42,12 @@ def inputs(rng, r, t, h, k, e, *, routing="random", idx_dtype=np.int32):
         idx = rng.integers(-3, e + 3, size=idx.shape)
     elif routing == "masked":
         idx = np.full_like(idx, -1)
+    elif routing == "wide":
+        assert idx_dtype == np.int64, "wide ids need int64"
+        idx = rng.integers(-3, e + 3, size=idx.shape)
+        shift = rng.choice(np.array([0, 1 << 32, -(1 << 32)], np.int64), size=idx.shape,
+                           p=[2 / 3, 1 / 6, 1 / 6])
+        idx = idx + shift
     return x, idx.astype(idx_dtype), w
 
 

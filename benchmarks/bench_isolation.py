@@ -1,0 +1,79 @@
+"""Does an LL kernel pay for the kernel that ran before it? (issue 14)
+
+Per T, the CUPTI median duration of dispatch in a loop of dispatches only and in the
+loop of dispatch + combine steps (bench_latency's), and of combine in a loop of
+combines only (one dispatch's handle, reused) and in the step loop. A kernel that is
+faster after itself than after the other one loses time to state the other one
+evicted (instruction cache, constant cache, L2 lines of its own state).
+
+  python benchmarks/bench_isolation.py [--tokens 1,128] [--fp8 1] [--out X]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+
+import jax_mscclpp_ep as ep  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ll  # noqa: E402
+from kernel_trace import KernelTrace  # noqa: E402
+
+
+def traced(f, args, name):
+    jax.block_until_ready(f(*args))  # compile + warm
+    with KernelTrace() as kt:
+        jax.block_until_ready(f(*args))
+    return kt.durations_us(name)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
+    ap.add_argument("--tokens", default="1,128")
+    ap.add_argument("--fp8", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    m, h, k, e = map(int, a.shape.split(","))
+    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_isolation", m, h, k, e)
+    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
+    fs = bench_ll.ours(mesh, buf, bool(a.fp8), a.steps)
+    rows = []
+    print(f"{gpu.device_kind}, M={m} H={h} K={k} E={e}, fp8={a.fp8}; CUPTI medians (us) "
+          f"over {a.steps} launches")
+    for t in map(int, a.tokens.split(",")):
+        x, idx, w = bench_ll.put(mesh, hx[:, :t], hidx[:, :t], hw[:, :t])
+        cargs = fs["comb_args"](x, idx, w, y)
+        d_alone = traced(fs["disp_loop"], (x, idx), "ll_dispatch_kernel")
+        c_alone = traced(fs["comb_loop"], cargs, "ll_combine_kernel")
+        jax.block_until_ready(fs["step_loop"](x, idx, w, y))
+        with KernelTrace() as kt:
+            jax.block_until_ready(fs["step_loop"](x, idx, w, y))
+        d_step, c_step = kt.durations_us("ll_dispatch_kernel"), kt.durations_us("ll_combine_kernel")
+        row = {"T": t}
+        for name, xs in (("dispatch_alone", d_alone), ("dispatch_in_steps", d_step),
+                         ("combine_alone", c_alone), ("combine_in_steps", c_step)):
+            row[name + "_us"] = round(statistics.median(xs), 2) if xs else None
+            row[name + "_n"] = len(xs)
+        buf.check()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    buf.close()
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump({"device_kind": gpu.device_kind, "jax": jax.__version__, "fp8": a.fp8,
+                       "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1}, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
