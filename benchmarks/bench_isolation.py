@@ -29,11 +29,12 @@ import bench_ll  # noqa: E402
 from kernel_trace import KernelTrace  # noqa: E402
 
 
-def traced(f, args, name):
-    jax.block_until_ready(f(*args))  # compile + warm
+def traced(f, args):
+    """The CUDA-profiler trace of one call of f, after a call that compiles and warms it."""
+    jax.block_until_ready(f(*args))
     with KernelTrace() as kt:
         jax.block_until_ready(f(*args))
-    return kt.durations_us(name)
+    return kt
 
 
 def main():
@@ -54,12 +55,10 @@ def main():
     for t in map(int, a.tokens.split(",")):
         x, idx, w = bench_ll.put(mesh, hx[:, :t], hidx[:, :t], hw[:, :t])
         cargs = fs["comb_args"](x, idx, w, y)
-        d_alone = traced(fs["disp_loop"], (x, idx), "ll_dispatch_kernel")
-        c_alone = traced(fs["comb_loop"], cargs, "ll_combine_kernel")
-        jax.block_until_ready(fs["step_loop"](x, idx, w, y))
-        with KernelTrace() as kt:
-            jax.block_until_ready(fs["step_loop"](x, idx, w, y))
-        d_step, c_step = kt.durations_us("ll_dispatch_kernel"), kt.durations_us("ll_combine_kernel")
+        d_alone = traced(fs["disp_loop"], (x, idx)).durations_us("ll_dispatch_kernel")
+        c_alone = traced(fs["comb_loop"], cargs).durations_us("ll_combine_kernel")
+        steps = traced(fs["step_loop"], (x, idx, w, y))
+        d_step, c_step = steps.durations_us("ll_dispatch_kernel"), steps.durations_us("ll_combine_kernel")
         row = {"T": t}
         for name, xs in (("dispatch_alone", d_alone), ("dispatch_in_steps", d_step),
                          ("combine_alone", c_alone), ("combine_in_steps", c_step)):
