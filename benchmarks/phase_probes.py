@@ -14,6 +14,8 @@ then the last thread at each event probe (no barrier):
   both:     8 the state read returned (last block), 12 the call's start mark (t_start)
   dispatch: 9 a message's stores issued (warp 0), 10 a count laid out, 11 a row's token id in
   combine:  9 a row's token id in (send), 10 a reduce starts, 11 its first loads in
+and segments (13..: SM cycles of one warp between two of its points, the most any warp
+spent; named in PROBES).
 plus the kernel's total (to its last block's end).
 
   python3 benchmarks/phase_probes.py [--shapes "T,H,K,E[,M];..."] [--steps 200]
@@ -45,7 +47,9 @@ PROBES = {"dispatch": ("running", "tokens sent", "counts published", "rows recei
           "combine": ("running", "rows sent", "tokens reduced", "flags seen",
                       "| add begins", "add returned", "flag seen", "reduced",
                       "state read", "token id in", "reduce starts", "first loads in",
-                      "t_start")}
+                      "t_start", "| cycles: state->id in", "id in->row stored",
+                      "state->add returned", "recv start->flags seen", "flags seen->reduced",
+                      "state->all flags seen")}
 
 
 def run_shape(mesh, t, h, k, e, m, steps, force_port):

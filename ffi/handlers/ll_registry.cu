@@ -92,9 +92,11 @@ void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int
 }
 
 void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks) {
+  s.any_port = 0;
   for (int p = 0; p < nranks; ++p) {
     s.peer_base[p] = peers[p].base;
     s.peer_kind[p] = static_cast<int8_t>(peers[p].kind);
+    s.any_port |= peers[p].kind == kLlPort;
   }
 }
 

@@ -88,6 +88,7 @@ struct LlStatic {
   int64_t timeout_ns;
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
   int32_t mask_on_failure;  // on_peer_failure="mask": a timed-out peer is masked, not fatal
+  int32_t any_port;         // some peer is a port channel (ll_set_peer_table)
   // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
   // constant cache (__grid_constant__), so a kernel reaches its peers without a
   // global load and a barrier first. Filled at registration; never changes.
@@ -211,15 +212,25 @@ struct LlCallMask {
 // asking the FFI handler; such a kernel must touch nothing else (the peers'
 // and the channel layer's memory may be gone), so it counts itself and returns.
 // Every block returns before its first __syncthreads, none waits on another.
-// *mask: the masked ranks this call goes by, for this rank. The two loads are
-// independent: one round trip.
-__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, int rank, int32_t* seq,
-                                              LlCallMask* mask) {
-  unsigned long long v, m;
-  asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(v), "=l"(m) : "l"(st) : "memory");
-  *seq = *reinterpret_cast<const volatile int32_t*>(&st->seq[blockIdx.x]);
-  *mask = LlCallMask{m, ll_is_masked(m, rank)};
-  if ((v >> 32) == 0) return true;  // little-endian: unused, then closed
+// Two steps: ll_read_state issues the loads (a kernel's first instruction, so
+// their round trip overlaps the loads of XLA's buffers, which stay valid after
+// close), ll_begin_call uses them. The two loads are independent: one round trip.
+struct LlStateRead {
+  unsigned long long v, m;  // (unused, closed), masked
+  int32_t seq;
+};
+__device__ __forceinline__ LlStateRead ll_read_state(LlDeviceState* st) {
+  LlStateRead r;
+  asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(r.v), "=l"(r.m) : "l"(st) : "memory");
+  r.seq = *reinterpret_cast<const volatile int32_t*>(&st->seq[blockIdx.x]);
+  return r;
+}
+// *mask: the masked ranks this call goes by, for this rank.
+__device__ __forceinline__ bool ll_begin_call(LlDeviceState* st, const LlStateRead& r, int rank,
+                                              int32_t* seq, LlCallMask* mask) {
+  *seq = r.seq;
+  *mask = LlCallMask{r.m, ll_is_masked(r.m, rank)};
+  if ((r.v >> 32) == 0) return true;  // little-endian: unused, then closed
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicAdd(&st->closed, 1);
   return false;
 }

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const LlStatic& s = a.s;
   const LlLayout& L = s.layout;
   ll_probe_entry(s.state);
+  const LlStateRead st0 = ll_read_state(s.state);  // used below, once the loads it overlaps are out
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
 
@@ -73,8 +74,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
-  if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
+  if (!ll_begin_call(s.state, st0, s.rank, &seq, &mask)) return;
   if (tid == 0) ll_probe_at(s.state, 8);  // the state read returned (last block)
+  const long long tseg = ll_probe_clock();  // segment probes (cycles, per warp)
   const int half = seq & 1, prev = half ^ 1;
   if (a.phases & kLlPhaseSend) ll_mark_start(s.state, seq);
   const int recv_tokens = (a.phases & kLlPhaseRecv) ? T : 0;
@@ -141,15 +143,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (n <= 0) continue;
       const int tok = a.src_info[row];
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
+      long long tw = tseg;
       // The row's token id picks the destination; its bytes load meanwhile.
       ll_warp_copy_late<false>(src, n, lane, [&]() -> uint4* {
         ll_probe_after(s.state, 9, tok);  // the row's token id arrived (its loads in flight)
+        ll_probe_seg_after(s.state, 13, &tw, tok);  // state read -> token id in
         if (tok < 0 || tok >= M) return nullptr;
         char* base = s.peer_kind[r] == kLlPort
                          ? s.local + L.half_base(half) + L.send_off + row * L.combine_msg
                          : s.peer_base[r] + L.combine_slot(half, s.rank * LE + j, tok, M);
         return reinterpret_cast<uint4*>(base) + c0;
       });
+      ll_probe_seg(s.state, 14, &tw);  // -> the row's stores issued
     }
     if (any_port) {
       __threadfence_system();  // staged rows visible to the proxy's copy engine
@@ -176,6 +181,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       ll_probe_at(s.state, 4);  // a flag's add begins
       if (mask.reachable(r)) ll_signal_add(s, r, flag, 1, true);
       ll_probe_at(s.state, 5);  // ... and returned (the release fence waited for the rows)
+      long long ta = tseg;
+      ll_probe_seg(s.state, 15, &ta);  // state read -> flag add returned
     }
   }
 
@@ -191,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int units = recv_tokens * RG, per = (nvec + RG - 1) / RG;
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
     const int t = u / RG, lo = (u % RG) * per, hi = min(nvec, lo + per);
+    long long tr = ll_probe_clock();
     if (tid < K) {
       const bool first = u == static_cast<int>(blockIdx.x);
       const int64_t e = first ? e_first : ll_load_idx(a.topk_idx, int64_t(t) * K + tid, a.idx64);
@@ -209,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     if (warp == 0) ll_probe_at(s.state, 10);  // the token's flags seen: the reduce starts
+    if (warp == 0) ll_probe_seg(s.state, 16, &tr);  // receive start -> the token's flags seen
     if (kPerSlot) {
       uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * K * row_bytes);
       for (int i = tid; i < K * nvec; i += blockDim.x) {
@@ -269,6 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     ll_probe_at(s.state, 7);  // a thread's part of the token reduced
+    if (warp == 0) ll_probe_seg(s.state, 17, &tr);  // -> warp 0's part reduced, stored
     __syncthreads();
   }
 
@@ -276,15 +286,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Wait for every expert's flag, not only those our tokens use: each flag is
   // added after its sender cleared the counter we write in the next dispatch,
   // so a rank whose tokens skip some experts cannot run ahead into the next
-  // dispatch and have its count wiped by that late clear.
-  for (int e = blockIdx.x * blockDim.x + tid; e < (a.phases & kLlPhaseRecv ? E : 0);
-       e += gridDim.x * blockDim.x) {
+  // dispatch and have its count wiped by that late clear. Any block's acquire
+  // will do (the next kernel starts after every block ends), so with memory
+  // peers only the blocks without a reduce unit wait, while the others reduce
+  // (at T = 1, 124 of 132: a round trip off the reducing blocks' tail). With
+  // a port peer block 0 alone waits, after its reduce, and the idle blocks
+  // end: with them spinning here, the port tests of two processes on one GPU
+  // timed out (a port signal is a proxy kernel on a GPU, the sender's over
+  // CUDA IPC, which may find no SM free; WORKSPACE.md, issue 14).
+  const int idle0 = !s.any_port && units < static_cast<int>(gridDim.x) ? units : 0;
+  const int nidle = s.any_port ? 1 : gridDim.x - idle0;
+  const bool waits = s.any_port ? blockIdx.x == 0 : static_cast<int>(blockIdx.x) >= idle0;
+  for (int e = static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
+       waits && e < (a.phases & kLlPhaseRecv ? E : 0); e += nidle * blockDim.x) {
     if (mask.reachable(e / LE))
       ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, e / LE,
                    kPhaseCombineRecv);
   }
 
   ll_probe(s.state, 3);  // every flag seen
+  long long te = tseg;
+  if (warp == 0) ll_probe_seg(s.state, 18, &te);  // state read -> every flag seen (any block)
   if (blockIdx.x == 0 && tid == 0) *a.order_out = order;
   if (a.phases & kLlPhaseRecv) ll_finish_call(s.state, seq, 1);
 }

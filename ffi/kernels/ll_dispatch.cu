@@ -62,11 +62,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const LlStatic& s = a.s;
   const LlLayout& L = s.layout;
   ll_probe_entry(s.state);
+  const LlStateRead st0 = ll_read_state(s.state);  // used below, once the loads it overlaps are out
   __shared__ int s_dst[kLlMaxTopk];
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ int s_slot[kLlMaxTopk];
   __shared__ long long s_off[kLlMaxTopk];
   __shared__ float s_wt[kLlMaxTopk];
+  // The block's direct destinations of the current token, resolved once by the
+  // claim: the store loops then run over these pointers (1 at T = 1, G = 8)
+  // instead of testing K slots, each with two dependent constant-bank loads.
+  // The staged copy (any port message) is the list's last entry.
+  __shared__ char* s_ptr[kLlMaxTopk + 1];
+  __shared__ int s_nptr;
+  __shared__ bool s_any_port;
   __shared__ int s_hist[kLlMaxExperts];  // messages per destination expert (all tokens)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
@@ -139,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   int32_t seq;
   LlCallMask mask;
   // Buffer closed: a replay after close does nothing.
-  if (!ll_begin_call(s.state, s.rank, &seq, &mask)) return;
+  if (!ll_begin_call(s.state, st0, s.rank, &seq, &mask)) return;
   if (tid == 0) ll_probe_at(s.state, 8);  // the state read returned (last block)
   long long tseg = ll_probe_clock();  // segment probes (cycles, per warp)
   const int half = seq & 1, prev = half ^ 1;
@@ -183,6 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         before += hit;
       }
     }
+    char* ptr = nullptr;  // a direct message's destination
+    bool port = false;    // a port message of this block
     if (lane < K) {
       int dst = -1, slot = -1;
       long long off = 0;
@@ -191,12 +201,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (valid && !mask.reachable(owner)) {
         if (!weighted && lead) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
       } else if (valid) {
-        const bool mine = s.peer_kind[owner] == kLlPort ? lead : lane % G == part;
+        const bool is_port = s.peer_kind[owner] == kLlPort;
+        const bool mine = is_port ? lead : lane % G == part;
         if (!dup && mine) {
           slot = from_ids ? before : atomicAdd(&slot_ctr[ei], 1);
           dst = owner;
           off = L.dispatch_slot(half, ei - owner * LE, s.rank, slot, R, M);
           if (weighted) s_wt[lane] = w;
+          port = is_port;
+          if (!is_port) ptr = s.peer_base[owner] + off;
         }
       } else if (e != -1 && !weighted && lead) {  // the forward dispatch already counted it
         atomicAdd(&s.state->dropped, 1);
@@ -205,6 +218,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_exp[lane] = e;
       s_slot[lane] = slot;
       s_off[lane] = off;
+    }
+    const unsigned direct_lanes = __ballot_sync(0xffffffffu, ptr != nullptr);
+    const bool any_port = __any_sync(0xffffffffu, port);
+    if (ptr != nullptr) s_ptr[__popc(direct_lanes & ll_lanemask_lt())] = ptr;
+    if (lane == 0) {
+      const int nd = __popc(direct_lanes);
+      if (any_port) s_ptr[nd] = s.local + L.half_base(half) + L.send_off + int64_t(t) * L.dispatch_msg;
+      s_nptr = nd + any_port;
+      s_any_port = any_port;
     }
   };
 
@@ -263,18 +285,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
     }
-    bool any_port = false;
-    for (int k = 0; k < K; ++k) any_port |= s_dst[k] >= 0 && s.peer_kind[s_dst[k]] == kLlPort;
+    const bool any_port = s_any_port;
+    const int nptr = s_nptr;
     char* staged = s.local + L.half_base(half) + L.send_off + int64_t(t) * L.dispatch_msg;
 
-    // Store 16 bytes at byte `at` of the message to every destination.
+    // Store 16 bytes at byte `at` of the message to every destination (and
+    // the staged copy).
     auto store_all = [&](int64_t at, const uint4& v) {
-      for (int k = 0; k < K; ++k) {
-        const int p = s_dst[k];
-        if (p < 0 || s.peer_kind[p] == kLlPort) continue;
-        *reinterpret_cast<uint4*>(s.peer_base[p] + s_off[k] + at) = v;
-      }
-      if (any_port) *reinterpret_cast<uint4*>(staged + at) = v;
+#pragma unroll 1  // compact: one to a few pointers (code size is latency at small T)
+      for (int i = 0; i < nptr; ++i) *reinterpret_cast<uint4*>(s_ptr[i] + at) = v;
     };
     const uint4 header = make_uint4(static_cast<unsigned>(t), 0u, 0u, 0u);
     if (!weighted) {
@@ -309,12 +328,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         store_all(kLlHeaderBytes + int64_t(c) * 16, ll_float16_to_e4m3(f, mul));
         if ((c & 7) == 0) {
           const int64_t at = kLlHeaderBytes + H + int64_t(c >> 3) * 4;
-          for (int k = 0; k < K; ++k) {
-            const int p = s_dst[k];
-            if (p < 0 || s.peer_kind[p] == kLlPort) continue;
-            *reinterpret_cast<float*>(s.peer_base[p] + s_off[k] + at) = sinv;
-          }
-          if (any_port) *reinterpret_cast<float*>(staged + at) = sinv;
+#pragma unroll 1
+          for (int i = 0; i < nptr; ++i) *reinterpret_cast<float*>(s_ptr[i] + at) = sinv;
         }
       }
     } else {
@@ -386,12 +401,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Loaded before the wait, so its round trip overlaps it (its store follows the count).
     const int32_t stats = gw == 0 && lane == 0 && !weighted ? a.stats_in[j] : 0;
     long long trs = ll_probe_clock();
-    int cnt[2], incl[2];  // counts of source ranks lane and lane + 32, inclusive prefix
+    // Counts of source ranks lane and lane + 32, inclusive prefix. Only the
+    // lanes and scan steps R needs (at R = 1 no shuffle); a lane past R holds
+    // INT_MAX, so the source-rank ballots below never count it.
+    int cnt[2], incl[2];
+    const int nh = R > 32 ? 2 : 1;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = lane + 32 * h;
       cnt[h] = 0;
-      if (r < R && mask.reachable(r)) {
+      if (h < nh && r < R && mask.reachable(r)) {
         const int64_t v = ll_wait_peer(s, s.local + L.dispatch_counter(half, j, r, R),
                                        [](int64_t w) { return ll_count_complete(w); }, r,
                                        kPhaseDispatchRecv);
@@ -399,15 +418,25 @@ __global__ void __launch_bounds__(kThreads, 1)
         cnt[h] = c < 0 ? 0 : (c > M ? M : c);
         if (cnt[h] > 0) ll_probe_at(s.state, 6);  // a count with rows seen
       }
+    }
+    __syncwarp();  // the lanes that waited rejoin before the shuffles
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
       incl[h] = cnt[h];
+      if (h >= nh) continue;  // uniform
+      const int width = h == 0 ? min(R, 32) : R - 32;  // lanes of this half holding ranks
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
+        if (d >= width) break;  // uniform
         const int o = __shfl_up_sync(0xffffffffu, incl[h], d);
         if (lane >= d) incl[h] += o;
       }
     }
-    incl[1] += __shfl_sync(0xffffffffu, incl[0], 31);
-    const int total = __shfl_sync(0xffffffffu, incl[1], 31);
+    // Lane width - 1 of each half holds its sum (lanes past it only add zeros).
+    if (nh == 2) incl[1] += __shfl_sync(0xffffffffu, incl[0], 31);
+    const int total = __shfl_sync(0xffffffffu, nh == 2 ? incl[1] : incl[0], nh == 2 ? R - 33 : R - 1);
+    if (lane >= R) incl[0] = INT_MAX;
+    if (lane + 32 >= R) incl[1] = INT_MAX;
     if (total > 0) ll_probe_seg(s.state, 16, &trs);  // receive start -> counts seen, scanned
     if (gw == 0 && !weighted) {
 #pragma unroll
