@@ -291,9 +291,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // peers only the blocks without a reduce unit wait, while the others reduce
   // (at T = 1, 124 of 132: a round trip off the reducing blocks' tail). With
   // a port peer block 0 alone waits, after its reduce, and the idle blocks
-  // end: with them spinning here, the port tests of two processes on one GPU
-  // timed out (a port signal is a proxy kernel on a GPU, the sender's over
-  // CUDA IPC, which may find no SM free; WORKSPACE.md, issue 14).
+  // end: with the wait on the idle blocks only, the port tests of two
+  // processes on one GPU timed out, for a reason not yet found (a build where
+  // blocks 0..E-1 each waited for one flag passed them; WORKSPACE.md, issue 14).
   const int idle0 = !s.any_port && units < static_cast<int>(gridDim.x) ? units : 0;
   const int nidle = s.any_port ? 1 : gridDim.x - idle0;
   const bool waits = s.any_port ? blockIdx.x == 0 : static_cast<int>(blockIdx.x) >= idle0;

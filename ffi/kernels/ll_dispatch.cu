@@ -163,6 +163,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // loaded by ids() ahead of the claim. Part 0 counts the token's dropped ids.
   // At T = 1 this and the count are the first phase's critical path, run by
   // one warp each: few instructions matter more than few round trips here.
+  // Token t's staged copy in our buffer: the source of its port messages' puts.
+  auto staged_at = [&](int t) {
+    return s.local + L.half_base(half) + L.send_off + int64_t(t) * L.dispatch_msg;
+  };
   auto claim = [&](int part, int t, int64_t e64, float wk, bool from_ids) {
     // In int from here (an int64 division is a ~100-instruction call, an
     // int64 shuffle two): the id in [0, E), -1 "none", -2 out of range.
@@ -224,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (ptr != nullptr) s_ptr[__popc(direct_lanes & ll_lanemask_lt())] = ptr;
     if (lane == 0) {
       const int nd = __popc(direct_lanes);
-      if (any_port) s_ptr[nd] = s.local + L.half_base(half) + L.send_off + int64_t(t) * L.dispatch_msg;
+      if (any_port) s_ptr[nd] = staged_at(t);
       s_nptr = nd + any_port;
       s_any_port = any_port;
     }
@@ -287,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const bool any_port = s_any_port;
     const int nptr = s_nptr;
-    char* staged = s.local + L.half_base(half) + L.send_off + int64_t(t) * L.dispatch_msg;
+    char* staged = staged_at(t);
 
     // Store 16 bytes at byte `at` of the message to every destination (and
     // the staged copy).
