@@ -92,11 +92,9 @@ void ll_check_sizes(int64_t max_tokens, int64_t hidden, int64_t num_experts, int
 }
 
 void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks) {
-  s.any_port = 0;
   for (int p = 0; p < nranks; ++p) {
     s.peer_base[p] = peers[p].base;
     s.peer_kind[p] = static_cast<int8_t>(peers[p].kind);
-    s.any_port |= peers[p].kind == kLlPort;
   }
 }
 
@@ -222,6 +220,14 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
   bool any_port = false;
   for (int p = 0; p < R; ++p) any_port |= comm->channel_kind(p) == kLlPort;
   if (any_port) {
+    // A port signal lands through work the proxy enqueues on this GPU (a
+    // one-thread kernel for an add, over CUDA IPC or for a signal that arrived
+    // over UCX; the IPC copies too may take SMs). The LL kernels spin waiting
+    // for exactly those signals, and a launch of ours fills every SM (one block
+    // each, up to the whole register file): leave SMs free so they always run.
+    // Without it two processes on one GPU time out as soon as every block waits
+    // (tokens_beyond_the_grid: more tokens than SMs).
+    e->num_blocks = e->num_blocks > kLlPortSpareSms ? e->num_blocks - kLlPortSpareSms : 1;
     uint64_t* w = comm->warmup_words();  // its own words: the test scratch stays the tests'
     ll_cuda_check(proxy_launch_add(w, 0, nullptr), "proxy kernel warm-up");
     ll_cuda_check(proxy_launch_store(w + 1, 0, nullptr), "proxy kernel warm-up");

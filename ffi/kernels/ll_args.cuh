@@ -25,6 +25,12 @@ constexpr int kLlProbeStart = 12, kLlProbeSeg0 = 13;
 // The most blocks an LL kernel is launched with (the registry caps the grid):
 // each block keeps its own copy of the call's seq (LlDeviceState::seq).
 constexpr int kLlMaxBlocks = 256;
+// SMs a launch leaves free when a peer is a port peer (ll_register says why).
+// -DJMEP_LL_PORT_SPARE_SMS=0: the grid covers every SM whatever the peers.
+#ifndef JMEP_LL_PORT_SPARE_SMS
+#define JMEP_LL_PORT_SPARE_SMS 1
+#endif
+constexpr int kLlPortSpareSms = JMEP_LL_PORT_SPARE_SMS;
 
 // One call's %globaltimer marks: start (block 0), end of the send phase and of
 // the call (max over blocks). Two records, by seq parity: a call writes its
@@ -88,7 +94,6 @@ struct LlStatic {
   int64_t timeout_ns;
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
   int32_t mask_on_failure;  // on_peer_failure="mask": a timed-out peer is masked, not fatal
-  int32_t any_port;         // some peer is a port channel (ll_set_peer_table)
   // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
   // constant cache (__grid_constant__), so a kernel reaches its peers without a
   // global load and a barrier first. Filled at registration; never changes.

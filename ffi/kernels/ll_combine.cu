@@ -287,16 +287,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // added after its sender cleared the counter we write in the next dispatch,
   // so a rank whose tokens skip some experts cannot run ahead into the next
   // dispatch and have its count wiped by that late clear. Any block's acquire
-  // will do (the next kernel starts after every block ends), so with memory
-  // peers only the blocks without a reduce unit wait, while the others reduce
-  // (at T = 1, 124 of 132: a round trip off the reducing blocks' tail). With
-  // a port peer block 0 alone waits, after its reduce, and the idle blocks
-  // end: with the wait on the idle blocks only, the port tests of two
-  // processes on one GPU timed out, for a reason not yet found (a build where
-  // blocks 0..E-1 each waited for one flag passed them; WORKSPACE.md, issue 14).
-  const int idle0 = !s.any_port && units < static_cast<int>(gridDim.x) ? units : 0;
-  const int nidle = s.any_port ? 1 : gridDim.x - idle0;
-  const bool waits = s.any_port ? blockIdx.x == 0 : static_cast<int>(blockIdx.x) >= idle0;
+  // will do (the next kernel starts after every block ends), so the blocks
+  // without a reduce unit wait, while the others reduce (at T = 1, 124 of
+  // 132: a round trip off the reducing blocks' tail); with none idle, all share it.
+  const int idle0 = units < static_cast<int>(gridDim.x) ? units : 0;
+  const int nidle = gridDim.x - idle0;
+  const bool waits = static_cast<int>(blockIdx.x) >= idle0;
   for (int e = static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
        waits && e < (a.phases & kLlPhaseRecv ? E : 0); e += nidle * blockDim.x) {
     if (mask.reachable(e / LE))

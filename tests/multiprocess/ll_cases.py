@@ -81,8 +81,8 @@ def test_step(group, rng, name):
 def test_tokens_beyond_the_grid(group, rng):
     """T = 256 tokens on M = 256 (more than an H200's 132 SMs, one block each): every
     dispatch block sends several tokens and every combine block has a token to reduce,
-    so all of them spin on signals at once. (Port peers, two processes on one GPU: the
-    kernels of 561d732 timed out here; see WORKSPACE.md.)"""
+    so all of them spin on signals at once. With port peers the proxy's work on this
+    GPU must still find an SM: a launch that took every SM timed out here."""
     check_step(group, rng, group.buffer(64, 256, 2048),
                *inputs(rng, group.num_ranks, 256, 2048, 8, 64), use_fp8=False)
 
