@@ -12,7 +12,6 @@ evicted (instruction cache, constant cache, L2 lines of its own state).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,15 +38,10 @@ def traced(f, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
-    ap.add_argument("--tokens", default="1,128")
+    bench_ll.add_one_gpu_args(ap)
     ap.add_argument("--fp8", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--out", default="")
     a = ap.parse_args()
-    m, h, k, e = map(int, a.shape.split(","))
-    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_isolation", m, h, k, e)
-    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
+    gpu, mesh, (hx, hidx, hw), y, buf, (m, h, k, e) = bench_ll.one_gpu_buffer("bench_isolation", a)
     fs = bench_ll.ours(mesh, buf, bool(a.fp8), a.steps)
     rows = []
     print(f"{gpu.device_kind}, M={m} H={h} K={k} E={e}, fp8={a.fp8}; CUPTI medians (us) "
@@ -64,14 +58,9 @@ def main():
                          ("combine_alone", c_alone), ("combine_in_steps", c_step)):
             row[name + "_us"] = round(statistics.median(xs), 2) if xs else None
             row[name + "_n"] = len(xs)
-        buf.check()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        bench_ll.add_row(buf, rows, row)
     buf.close()
-    if a.out:
-        with open(a.out + ".json", "w") as f:
-            json.dump({"device_kind": gpu.device_kind, "jax": jax.__version__, "fp8": a.fp8,
-                       "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1}, "rows": rows}, f, indent=1)
+    bench_ll.write_rows(a, gpu, (m, h, k, e), rows, fp8=a.fp8)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def parse():
     ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--steps", type=int, default=120, help="profiled steps per (T, dtype)")
+    ap.add_argument("--routing", default="random", choices=("random", "balanced"),
+                    help="expert ids (bench_ll.host_inputs); the anchor's are random")
     ap.add_argument("--label", default="ours")
     ap.add_argument("--out", default="", help="write OUT.json")
     return ap.parse_args()
@@ -57,9 +59,9 @@ def main():
     a = parse()
     m, h, k, e = map(int, a.shape.split(","))
     tokens = [int(t) for t in a.tokens.split(",")]
-    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_latency", m, h, k, e)
+    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_latency", m, h, k, e, a.routing)
     out = {"label": a.label, "device_kind": gpu.device_kind, "jax": jax.__version__,
-           "host": platform.node(), "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1},
+           "host": platform.node(), "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1}, "routing": a.routing,
            "steps": a.steps, "metric": "median CUPTI kernel duration (us) over the loop's launches; "
            "globaltimer: the kernels' own mean", "sweep": []}
     buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)

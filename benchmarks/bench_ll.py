@@ -105,11 +105,18 @@ def time_loop(f, args, steps, reps):
 
 # ---------------------------------------------------------------- inputs
 
-def host_inputs(r, m, h, k, e, seed=0):
-    """x, topk_idx, topk_weights, y on the host, leading axis = rank."""
+def host_inputs(r, m, h, k, e, seed=0, routing="random"):
+    """x, topk_idx, topk_weights, y on the host, leading axis = rank. routing "random":
+    K distinct experts per token at random; "balanced": token t of every rank takes experts
+    (t * K + k) % E, so any T * K / E tokens' messages spread evenly over the experts."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((r, m, h))).astype(jnp.bfloat16)
-    idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(m)]) for _ in range(r)])
+    if routing == "balanced":
+        idx = np.broadcast_to((np.arange(m)[:, None] * k + np.arange(k)) % e, (r, m, k))
+    elif routing == "random":
+        idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(m)]) for _ in range(r)])
+    else:
+        raise ValueError(f"routing must be 'random' or 'balanced', got {routing!r}")
     w = rng.uniform(0.1, 1.0, (r, m, k)).astype(np.float32)
     le = e // r
     y = rng.standard_normal((r, le, r * m, h)).astype(jnp.bfloat16)
@@ -121,14 +128,49 @@ def put(mesh, *arrays):
     return [jax.device_put(np.ascontiguousarray(a), sh) for a in arrays]
 
 
-def one_gpu_setup(script, m, h, k, e):
+def add_one_gpu_args(ap, tokens="1,128"):
+    """The options the single-GPU latency benchmarks share (see one_gpu_buffer)."""
+    ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
+    ap.add_argument("--tokens", default=tokens)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--out", default="")
+
+
+def one_gpu_buffer(script, a):
+    """one_gpu_setup for add_one_gpu_args' options, plus a Buffer of that shape:
+    (gpu, mesh, host (x, idx, w), y, buf, (M, H, K, E))."""
+    m, h, k, e = map(int, a.shape.split(","))
+    gpu, mesh, host, y = one_gpu_setup(script, m, h, k, e)
+    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
+    return gpu, mesh, host, y, buf, (m, h, k, e)
+
+
+def add_row(buf, rows, row):
+    """Check the Buffer (a device-side error raises here), keep the row and print it."""
+    buf.check()
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def write_rows(a, gpu, shape, rows, **extra):
+    """A single-GPU latency benchmark's rows as a.out + ".json" (when --out is given)."""
+    if not a.out:
+        return
+    m, h, k, e = shape
+    with open(a.out + ".json", "w") as f:
+        json.dump({"device_kind": gpu.device_kind, "jax": jax.__version__,
+                   "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1}, **extra, "rows": rows},
+                  f, indent=1)
+
+
+def one_gpu_setup(script, m, h, k, e, routing="random"):
     """(the GPU, its one-device mesh, host x/topk_idx/weights [1, M, ...], y on the GPU) for
     the single-GPU (R = 1) latency benchmarks."""
     gpus = [d for d in jax.devices() if d.platform == "gpu"][:1]
     if not gpus:
         raise SystemExit(f"{script} needs a GPU")
     mesh = Mesh(np.array(gpus), ("ep",))
-    hx, hidx, hw, hy = host_inputs(1, m, h, k, e)
+    hx, hidx, hw, hy = host_inputs(1, m, h, k, e, routing=routing)
     (y,) = put(mesh, hy)
     return gpus[0], mesh, (hx, hidx, hw), y
 
