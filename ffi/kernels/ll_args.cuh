@@ -191,6 +191,23 @@ __device__ __forceinline__ void ll_warp_copy(uint4* dst, const uint4* src, int n
   ll_warp_copy_late<kCacheGlobal>(src, n, lane, [dst]() { return dst; });
 }
 
+// Work that any block may do, spread over the blocks without one of the
+// call's `units` (they have nothing else to do first) when there are any, else
+// over every block, after its units. Thread tid of such a block starts at
+// first(tid) and steps by stride(): the items are covered once, none twice.
+struct LlIdleBlocks {
+  int idle0, nidle;
+  bool mine;
+  __device__ __forceinline__ int first(int tid) const {
+    return static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
+  }
+  __device__ __forceinline__ int stride() const { return nidle * static_cast<int>(blockDim.x); }
+};
+__device__ __forceinline__ LlIdleBlocks ll_idle_blocks(int units) {
+  const int idle0 = units < static_cast<int>(gridDim.x) ? units : 0;
+  return {idle0, static_cast<int>(gridDim.x) - idle0, static_cast<int>(blockIdx.x) >= idle0};
+}
+
 // Bit p of a rank mask.
 __device__ __forceinline__ bool ll_is_masked(unsigned long long mask, int p) {
   return (mask >> p) & 1ull;

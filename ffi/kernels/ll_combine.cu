@@ -290,11 +290,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // will do (the next kernel starts after every block ends), so the blocks
   // without a reduce unit wait, while the others reduce (at T = 1, 124 of
   // 132: a round trip off the reducing blocks' tail); with none idle, all share it.
-  const int idle0 = units < static_cast<int>(gridDim.x) ? units : 0;
-  const int nidle = gridDim.x - idle0;
-  const bool waits = static_cast<int>(blockIdx.x) >= idle0;
-  for (int e = static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
-       waits && e < (a.phases & kLlPhaseRecv ? E : 0); e += nidle * blockDim.x) {
+  const LlIdleBlocks waiters = ll_idle_blocks(units);
+  for (int e = waiters.first(tid); waiters.mine && e < (a.phases & kLlPhaseRecv ? E : 0);
+       e += waiters.stride()) {
     if (mask.reachable(e / LE))
       ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, e / LE,
                    kPhaseCombineRecv);

@@ -369,10 +369,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // An expert none of our tokens goes to still needs its count ("none"): said
   // by the blocks without a send unit when there are any (at once: they have
   // nothing to send first), else by block e % grid after its sends.
-  const int idle0 = units < static_cast<int>(gridDim.x) ? units : 0;
-  const int nidle = gridDim.x - idle0;
-  for (int e = static_cast<int>(blockIdx.x) - idle0 + tid * nidle;
-       blockIdx.x >= idle0 && e < send_experts; e += nidle * blockDim.x) {
+  const LlIdleBlocks none_by = ll_idle_blocks(units);
+  for (int e = none_by.first(tid); none_by.mine && e < send_experts; e += none_by.stride()) {
     if (s_hist[e] != 0) continue;
     const int p = e / LE, j = e % LE;
     // Cleared for a masked peer too, so its words are clean if it is unmasked.
