@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
-
-import jax_mscclpp_ep as ep  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ll  # noqa: E402
@@ -56,7 +53,7 @@ def main():
         row = {"T": t}
         for name, xs in (("dispatch_alone", d_alone), ("dispatch_in_steps", d_step),
                          ("combine_alone", c_alone), ("combine_in_steps", c_step)):
-            row[name + "_us"] = round(statistics.median(xs), 2) if xs else None
+            row[name + "_us"] = bench_ll.median(xs)
             row[name + "_n"] = len(xs)
         bench_ll.add_row(buf, rows, row)
     buf.close()

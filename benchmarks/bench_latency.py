@@ -24,8 +24,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import jax  # noqa: E402
 
-import jax_mscclpp_ep as ep  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ll  # noqa: E402  (inputs and shard_map helpers)
 from kernel_trace import KernelTrace  # noqa: E402
@@ -33,18 +31,11 @@ from kernel_trace import KernelTrace  # noqa: E402
 
 def parse():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
-    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
-    ap.add_argument("--steps", type=int, default=120, help="profiled steps per (T, dtype)")
+    bench_ll.add_one_gpu_args(ap, tokens="1,2,4,8,16,32,64,128")
     ap.add_argument("--routing", default="random", choices=("random", "balanced"),
                     help="expert ids (bench_ll.host_inputs); the anchor's are random")
     ap.add_argument("--label", default="ours")
-    ap.add_argument("--out", default="", help="write OUT.json")
     return ap.parse_args()
-
-
-def median(xs):
-    return round(statistics.median(xs), 2) if xs else None
 
 
 def spread(xs):
@@ -57,14 +48,13 @@ def spread(xs):
 
 def main():
     a = parse()
-    m, h, k, e = map(int, a.shape.split(","))
     tokens = [int(t) for t in a.tokens.split(",")]
-    gpu, mesh, (hx, hidx, hw), y = bench_ll.one_gpu_setup("bench_latency", m, h, k, e, a.routing)
+    gpu, mesh, (hx, hidx, hw), y, buf, (m, h, k, e) = bench_ll.one_gpu_buffer("bench_latency", a,
+                                                                             a.routing)
     out = {"label": a.label, "device_kind": gpu.device_kind, "jax": jax.__version__,
            "host": platform.node(), "shape": {"M": m, "H": h, "K": k, "E": e, "R": 1}, "routing": a.routing,
            "steps": a.steps, "metric": "median CUPTI kernel duration (us) over the loop's launches; "
            "globaltimer: the kernels' own mean", "sweep": []}
-    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
     # bench_ll's step loop: `steps` x (dispatch, combine), the order token chained
     loops = {fp8: bench_ll.ours(mesh, buf, fp8, a.steps)["step_loop"] for fp8 in (True, False)}
     for t in tokens:
@@ -87,8 +77,8 @@ def main():
                                    f"{kt.where('ll_dispatch_kernel')}; names: {kt.names()[:20]}")
             row[f"dispatch_{tag}_raw_us"] = d
             row[f"combine_after_{tag}_raw_us"] = c
-            row[f"dispatch_{tag}_us"] = median(d)
-            row[f"combine_after_{tag}_us"] = median(c)
+            row[f"dispatch_{tag}_us"] = bench_ll.median(d)
+            row[f"combine_after_{tag}_us"] = bench_ll.median(c)
             row[f"dispatch_{tag}_p10_p90_us"] = spread(d)
             row[f"combine_after_{tag}_p10_p90_us"] = spread(c)
             row[f"dispatch_{tag}_globaltimer_us"] = round(gt.get("dispatch_kernel", float("nan")), 2)

@@ -132,17 +132,22 @@ def add_one_gpu_args(ap, tokens="1,128"):
     """The options the single-GPU latency benchmarks share (see one_gpu_buffer)."""
     ap.add_argument("--shape", default="128,7168,8,256", help="M,H,K,E")
     ap.add_argument("--tokens", default=tokens)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--steps", type=int, default=120, help="profiled steps per loop")
+    ap.add_argument("--out", default="", help="write OUT.json")
 
 
-def one_gpu_buffer(script, a):
+def one_gpu_buffer(script, a, routing="random"):
     """one_gpu_setup for add_one_gpu_args' options, plus a Buffer of that shape:
     (gpu, mesh, host (x, idx, w), y, buf, (M, H, K, E))."""
     m, h, k, e = map(int, a.shape.split(","))
-    gpu, mesh, host, y = one_gpu_setup(script, m, h, k, e)
+    gpu, mesh, host, y = one_gpu_setup(script, m, h, k, e, routing)
     buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
     return gpu, mesh, host, y, buf, (m, h, k, e)
+
+
+def median(xs):
+    """Median of a list of durations, rounded to 0.01 us; None for an empty list."""
+    return round(statistics.median(xs), 2) if xs else None
 
 
 def add_row(buf, rows, row):

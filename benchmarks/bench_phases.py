@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
@@ -49,10 +47,6 @@ def split_loop(mesh, buf, fp8, steps):
     return bench_ll.smap(mesh, loop)
 
 
-def med(xs):
-    return round(statistics.median(xs), 2) if xs else None
-
-
 def main():
     ap = argparse.ArgumentParser()
     bench_ll.add_one_gpu_args(ap)
@@ -70,8 +64,8 @@ def main():
                 d = halves.durations_us(kern)  # launch order: send, recv, send, recv, ...
                 if len(d) != 2 * a.steps:
                     raise RuntimeError(f"T={t}: {len(d)} {kern} launches for {a.steps} split steps")
-                row[name + "_us"] = med(whole.durations_us(kern))
-                row[name + "_send_us"], row[name + "_recv_us"] = med(d[0::2]), med(d[1::2])
+                row[name + "_us"] = bench_ll.median(whole.durations_us(kern))
+                row[name + "_send_us"], row[name + "_recv_us"] = bench_ll.median(d[0::2]), bench_ll.median(d[1::2])
             bench_ll.add_row(buf, rows, row)
     buf.close()
     bench_ll.write_rows(a, gpu, (m, h, k, e), rows, steps=a.steps)
