@@ -17,6 +17,7 @@
 #include "handlers/ll_mask.h"
 #include "handlers/ll_registry.h"
 #include "handlers/ll_targets.h"
+#include "kernels/ll_divisor.h"
 
 namespace nb = nanobind;
 
@@ -26,6 +27,16 @@ void bind_ll(nb::module_& m) {
   m.def("ll_size_hint", &ll_size_hint, nb::arg("max_tokens"), nb::arg("hidden"),
         nb::arg("num_ranks"), nb::arg("num_experts"),
         "Registered-buffer bytes the LL layout needs (= config.size_hint).");
+  m.def(
+      "ll_divide",
+      [](int32_t d, const std::vector<int32_t>& ns) {
+        const LlDivisor v = LlDivisor::make(d);
+        std::vector<int32_t> q(ns.size()), r(ns.size());
+        for (size_t i = 0; i < ns.size(); ++i) q[i] = v.div(ns[i]), r[i] = v.mod(ns[i]);
+        return std::make_pair(q, r);
+      },
+      nb::arg("divisor"), nb::arg("numerators"),
+      "(n / d, n % d) for each n by the kernels' LlDivisor (tests; d >= 1, 0 <= n < 2**31).");
   m.def("ll_register_p2p", &ll_register_p2p, nb::arg("buffer_id"), nb::arg("devices"),
         nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("timeout_s"),
         "Fallback without communicators: one process, direct CUDA peer access.");

@@ -139,6 +139,8 @@ LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank
   s.local_experts = static_cast<int32_t>(num_experts / nranks);
   s.max_tokens = static_cast<int32_t>(max_tokens);
   s.hidden = static_cast<int32_t>(hidden);
+  s.div_ranks = LlDivisor::make(s.nranks);
+  s.div_local_experts = LlDivisor::make(s.local_experts);
   return peers;
 }
 

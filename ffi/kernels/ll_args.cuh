@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/ll_divisor.h"
 #include "kernels/ll_layout.cuh"
 #include "kernels/ll_peer.cuh"
 
@@ -94,6 +95,7 @@ struct LlStatic {
   int64_t timeout_ns;
   int32_t rank, nranks, num_experts, local_experts, max_tokens, hidden;
   int32_t mask_on_failure;  // on_peer_failure="mask": a timed-out peer is masked, not fatal
+  LlDivisor div_ranks, div_local_experts;  // by nranks, local_experts (ll_divisor.h)
   // The peer table (ll_peer.cuh) by value: kernel parameters are read through the
   // constant cache (__grid_constant__), so a kernel reaches its peers without a
   // global load and a barrier first. Filled at registration; never changes.

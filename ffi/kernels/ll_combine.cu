@@ -23,6 +23,8 @@ constexpr int kGroup = 2;  // (expert, rank) pairs a block sends in one pass (wi
 #ifndef JMEP_LL_MAX_REDUCE_SPLIT
 #define JMEP_LL_MAX_REDUCE_SPLIT 8  // -DJMEP_LL_MAX_REDUCE_SPLIT=1: one block per token at every T
 #endif
+static_assert((JMEP_LL_MAX_REDUCE_SPLIT & (JMEP_LL_MAX_REDUCE_SPLIT - 1)) == 0,
+              "a power of two (ll_reduce_split)");
 
 // Blocks per token in the reduce (RG): with fewer tokens than blocks, RG
 // blocks share a token's output, each reducing a column range of its K rows.
@@ -30,9 +32,9 @@ constexpr int kGroup = 2;  // (expert, rank) pairs a block sends in one pass (wi
 // SM loads quickly: at T = 1 the phase probes put ~2.9 us between the last
 // flag seen and the token reduced on one block. Each of the RG blocks waits for
 // the token's K flags itself (its own acquires), so no ordering changes.
+// RG is a power of two (ll_split_shift): returns log2 RG.
 __device__ __forceinline__ int ll_reduce_split(int tokens, int grid) {
-  if (tokens <= 0) return 1;
-  return max(1, min(grid / tokens, JMEP_LL_MAX_REDUCE_SPLIT));
+  return ll_split_shift(tokens, grid, ll_log2_floor(JMEP_LL_MAX_REDUCE_SPLIT));
 }
 
 // One instance per mode (reduce; per-slot copy for the backward): each carries
@@ -47,16 +49,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int s_exp[kLlMaxTopk];
   __shared__ float s_w[kLlMaxTopk];
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  constexpr int nwarps = kThreads / 32;  // the launch is always kThreads wide (shifts below)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   // The first token's expert ids and weights, requested before anything else
   // (XLA's buffers stay valid even when the Buffer was closed).
-  const int RG = kPerSlot ? 1 : ll_reduce_split(T, gridDim.x);
+  const int rsh = kPerSlot ? 0 : ll_reduce_split(T, gridDim.x), RG = 1 << rsh;
   int64_t e_first = -1;
   float w_first = 0.f;
   if (tid < K && blockIdx.x < T * RG && (a.phases & kLlPhaseRecv)) {
-    const int t0 = blockIdx.x / RG;
+    const int t0 = blockIdx.x >> rsh;
     e_first = ll_load_idx(a.topk_idx, int64_t(t0) * K + tid, a.idx64);
     if (!kPerSlot) w_first = a.topk_weights[int64_t(t0) * K + tid];
   }
@@ -111,9 +114,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       int cnt = static_cast<int>(lr[g] & 0xffffffff);
       // A handle from elsewhere must not make us write out of bounds.
       if (q >= send_blocks || cnt < 0 || off < 0 || cnt > M || off > R * M - cnt) cnt = 0;
-      if (q < send_blocks && !mask.reachable(q % R)) cnt = 0;  // a masked rank gets no rows
+      const int qr = s.div_ranks.mod(q);
+      if (q < send_blocks && !mask.reachable(qr)) cnt = 0;  // a masked rank gets no rows
       first[g + 1] = first[g] + cnt;
-      any_port |= q < send_blocks && s.peer_kind[q % R] == kLlPort;
+      any_port |= q < send_blocks && s.peer_kind[qr] == kLlPort;
     }
     const int nrows = first[kGroup];
     // Row i of the pass: its pair g, that pair's q and its handle row.
@@ -127,19 +131,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < kGroup; ++h)
         if (h == g) l = lr[h], f = first[h];
       *q = q0 + g * gridDim.x;
-      *row = int64_t(*q / R) * R * M + static_cast<int>(l >> 32) + (i - f);
+      *row = int64_t(s.div_ranks.div(*q)) * R * M + static_cast<int>(l >> 32) + (i - f);
     };
     // Rows are few per pair (T*K/E on average): split each row over several
-    // warps so the whole block copies.
-    const int split = nrows > 0 && nrows < nwarps ? nwarps / nrows : 1;
-    const int per = (nvec + split - 1) / split;
-    for (int wi = warp; wi < nrows * split; wi += nwarps) {
-      const int i = wi / split, c0 = (wi % split) * per;
+    // warps so the whole block copies (nwarps / nrows rounded down to a power
+    // of two: shifts, not divisions).
+    const int ssh = nrows > 0 && nrows < nwarps ? ll_log2_floor(nwarps) - ll_log2_ceil(nrows) : 0;
+    const int split = 1 << ssh;
+    const int per = (nvec + split - 1) >> ssh;
+    for (int wi = warp; wi < nrows << ssh; wi += nwarps) {
+      const int i = wi >> ssh, c0 = (wi & (split - 1)) * per;
       const int n = min(per, nvec - c0);
       int q;
       int64_t row;
       locate(i, &q, &row);
-      const int j = q / R, r = q % R;
+      const int j = s.div_ranks.div(q), r = q - j * R;
       if (n <= 0) continue;
       const int tok = a.src_info[row];
       const uint4* src = reinterpret_cast<const uint4*>(y + row * row_bytes) + c0;
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int q;
         int64_t row;
         locate(i, &q, &row);
-        const int j = q / R, r = q % R;
+        const int j = s.div_ranks.div(q), r = q - j * R;
         if (s.peer_kind[r] != kLlPort) continue;
         const int tok = a.src_info[row];
         if (tok < 0 || tok >= M) continue;
@@ -173,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     if (tid < kGroup && q0 + tid * gridDim.x < send_blocks) {
-      const int q = q0 + tid * gridDim.x, j = q / R, r = q % R;
+      const int q = q0 + tid * gridDim.x, j = s.div_ranks.div(q), r = q - j * R;
       ll_clean_prev(s, prev, j, r);  // for a masked peer too (clean if it is unmasked)
       // Rows (the block's, ordered by the __syncthreads) and the clears before
       // the flag: a release add for direct peers, a fence before the proxy's.
@@ -195,9 +201,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---------------------------------------------------------------- receive + reduce
   // Unit u: vectors [lo, hi) of token u / RG's output (RG == 1: the whole row).
-  const int units = recv_tokens * RG, per = (nvec + RG - 1) / RG;
+  const int units = recv_tokens << rsh, per = (nvec + RG - 1) >> rsh;
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    const int t = u / RG, lo = (u % RG) * per, hi = min(nvec, lo + per);
+    const int t = u >> rsh, lo = (u & (RG - 1)) * per, hi = min(nvec, lo + per);
     long long tr = ll_probe_clock();
     if (tid < K) {
       const bool first = u == static_cast<int>(blockIdx.x);
@@ -205,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       int ok = -1;
       // A masked owner's slot, or one whose owner was lost during this wait,
       // contributes zero; the token's other slots still reduce.
-      const int owner = e >= 0 && e < E ? static_cast<int>(e) / LE : -1;  // int division
+      const int owner = e >= 0 && e < E ? s.div_local_experts.div(static_cast<int>(e)) : -1;
       if (owner >= 0 && mask.reachable(owner)) {
         const int64_t v = ll_wait_peer(s, s.local + L.combine_flag(half, e, E),
                                        [](int64_t w) { return w > 0; }, owner, kPhaseCombineRecv);
@@ -293,8 +299,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const LlIdleBlocks waiters = ll_idle_blocks(units);
   for (int e = waiters.first(tid); waiters.mine && e < (a.phases & kLlPhaseRecv ? E : 0);
        e += waiters.stride()) {
-    if (mask.reachable(e / LE))
-      ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, e / LE,
+    const int owner = s.div_local_experts.div(e);
+    if (mask.reachable(owner))
+      ll_wait_peer(s, s.local + L.combine_flag(half, e, E), [](int64_t w) { return w > 0; }, owner,
                    kPhaseCombineRecv);
   }
 

@@ -32,6 +32,7 @@ constexpr int kThreads = 512;
 #ifndef JMEP_LL_MAX_SPLIT
 #define JMEP_LL_MAX_SPLIT 8  // -DJMEP_LL_MAX_SPLIT=1: one block per token at every T
 #endif
+static_assert((JMEP_LL_MAX_SPLIT & (JMEP_LL_MAX_SPLIT - 1)) == 0, "a power of two (ll_send_split)");
 
 // Up to this many tokens a message's slot comes from the ids (claim), above
 // it from an atomic claim on slot_ctr. -DJMEP_LL_DIRECT_SLOTS_MAX_T=0: always atomic.
@@ -45,11 +46,11 @@ constexpr int kDirectSlotsMaxT = JMEP_LL_DIRECT_SLOTS_MAX_T;
 // stores a G-th of the token's bytes, and its release-adds wait for only
 // those: at T = 1 (K = 8) that is 7 KB instead of 57 KB behind each fence.
 // Port messages stay with the token's first block (part 0), which alone
-// stages the token's bytes, so the staged copy has one writer.
+// stages the token's bytes, so the staged copy has one writer. G is a power
+// of two (ll_split_shift): returns log2 G.
 __device__ __forceinline__ int ll_send_split(int tokens, int topk, int grid) {
-  if (tokens <= 0) return 1;
-  const int g = grid / tokens;
-  return max(1, min(min(topk, g), JMEP_LL_MAX_SPLIT));
+  const int cap = min(ll_log2_floor(max(topk, 1)), ll_log2_floor(JMEP_LL_MAX_SPLIT));
+  return ll_split_shift(tokens, grid, cap);
 }
 
 // One instance per mode (fp8 or bf16 forward; weighted, bf16): each carries
@@ -77,12 +78,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ bool s_any_port;
   __shared__ int s_hist[kLlMaxExperts];  // messages per destination expert (all tokens)
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  // The launch is always kThreads wide (ll_launch_dispatch): a constant nwarps
+  // makes the receive's warp split shifts.
+  constexpr int nwarps = kThreads / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int H = s.hidden, M = s.max_tokens, R = s.nranks, E = s.num_experts;
   const int LE = s.local_experts, K = a.topk, T = a.num_tokens;
   const int send_tokens = (a.phases & kLlPhaseSend) ? T : 0;
   // Send units: unit u is part u % G of token u / G (G == 1: a block per token).
-  const int G = ll_send_split(send_tokens, K, gridDim.x), units = send_tokens * G;
+  const int gsh = ll_send_split(send_tokens, K, gridDim.x), G = 1 << gsh;
+  const int units = send_tokens << gsh;
   const int send_experts = (a.phases & kLlPhaseSend) ? E : 0;
   const int recv_experts = (a.phases & kLlPhaseRecv) ? LE : 0;
   const int nvec = kFp8 ? H / 16 : H / 8;  // fp8: chunks of two vectors
@@ -113,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool direct = send_tokens <= kDirectSlotsMaxT;
   int64_t e_before[kDirectSlotsMaxT > 1 ? kDirectSlotsMaxT - 1 : 1];
   if (blockIdx.x < units) {
-    const int t0 = blockIdx.x / G;
+    const int t0 = blockIdx.x >> gsh;
     prefetch(t0);
     if (warp == 0) {
       ids(t0, &e0, &w0);
@@ -201,12 +206,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       int dst = -1, slot = -1;
       long long off = 0;
       const bool lead = part == 0, valid = e >= 0;
-      const int ei = valid ? e : 0, owner = ei / LE;
+      const int ei = valid ? e : 0, owner = s.div_local_experts.div(ei);
       if (valid && !mask.reachable(owner)) {
         if (!weighted && lead) atomicAdd(&s.state->dropped, 1);  // a masked rank's expert: not sent
       } else if (valid) {
         const bool is_port = s.peer_kind[owner] == kLlPort;
-        const bool mine = is_port ? lead : lane % G == part;
+        const bool mine = is_port ? lead : (lane & (G - 1)) == part;
         if (!dup && mine) {
           slot = from_ids ? before : atomicAdd(&slot_ctr[ei], 1);
           dst = owner;
@@ -240,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // round trip to L2 and the row's load overlap the counting.
   if (send_experts > 0) {
     if (warp == 0) {
-      if (blockIdx.x < units) claim(blockIdx.x % G, blockIdx.x / G, e0, w0, direct);
+      if (blockIdx.x < units) claim(blockIdx.x & (G - 1), blockIdx.x >> gsh, e0, w0, direct);
       if (blockIdx.x < units) ll_probe_seg(s.state, 17, &tseg);  // state read -> slots claimed
     } else {
       const int n = blockDim.x - 32;
@@ -349,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the word covers the whole message; for a port peer the proxy performs the
     // add after the put pushed before it by this same thread.
     if (tid < K && s_dst[tid] >= 0) {
-      const int p = s_dst[tid], slot = s_slot[tid], e = s_exp[tid], j = e % LE;
+      const int p = s_dst[tid], slot = s_slot[tid], e = s_exp[tid], j = e - p * LE;
       if (slot == 0) ll_clean_prev(s, prev, j, p);  // the first signal to p for (j, us)
       ll_probe_at(s.state, 4);  // a message's signal begins
       if (s.peer_kind[p] == kLlPort) {
@@ -372,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const LlIdleBlocks none_by = ll_idle_blocks(units);
   for (int e = none_by.first(tid); none_by.mine && e < send_experts; e += none_by.stride()) {
     if (s_hist[e] != 0) continue;
-    const int p = e / LE, j = e % LE;
+    const int p = s.div_local_experts.div(e), j = e - p * LE;
     // Cleared for a masked peer too, so its words are clean if it is unmasked.
     ll_clean_prev(s, prev, j, p);
     if (!mask.reachable(p)) continue;
@@ -388,6 +393,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state, seq);
   ll_probe(s.state, 2);  // counts published
 
+  // Part `part` of 1 << ssh of the message at src, to output row out_row (and
+  // its token id to src_info, its scales with the last part).
+  auto copy_row = [&](const char* src, int64_t out_row, int part, int ssh, long long* trs) {
+    const int tok = __ldcg(reinterpret_cast<const int*>(src));
+    const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
+    const int nv = kFp8 ? H / 16 : H / 8, per = (nv + (1 << ssh) - 1) >> ssh;
+    const int c0 = part * per, n = min(per, nv - c0);
+    // src_info is stored once the row's loads are in flight (ll_warp_copy_late):
+    // a store before them would hold them back until tok arrived.
+    // (Part 0 always has vectors: n > 0 there.)
+    auto dst_at = [&](uint4* d) {
+      return [&, d]() {
+        ll_probe_after(s.state, 11, tok);  // the row's token id arrived (its loads in flight)
+        ll_probe_seg_after(s.state, 14, trs, tok);  // -> token id in
+        if (lane == 0 && part == 0) a.src_info[out_row] = tok;
+        return d + c0;
+      };
+    };
+    if (kFp8) {
+      uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
+      // The scales (H / 128 <= 64: two a lane) load with the row, not after it.
+      const bool last = part == (1 << ssh) - 1;
+      const float* sc = reinterpret_cast<const float*>(src + kLlHeaderBytes + H);
+      const int ns = H / kLlFp8Block;
+      float s0 = 0.f, s1 = 0.f;
+      if (last && lane < ns) s0 = __ldcg(sc + lane);
+      if (last && lane + 32 < ns) s1 = __ldcg(sc + lane + 32);
+      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
+      if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
+      if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
+      ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
+      ll_probe_seg(s.state, 15, trs);  // -> row stores issued
+    } else {
+      uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
+      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
+      ll_probe_at(s.state, 7);
+    }
+  };
+
   // ---------------------------------------------------------------- receive
   // Every local expert at once: a block takes experts blockIdx.x + g * grid, a
   // group of nwarps / groups warps each (one pass while LE <= 16 * grid, e.g.
@@ -395,9 +439,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // group reads the R counts itself and scans them with shuffles, so no block
   // barrier sits between a count and its rows.
   const int groups = recv_experts > 0 ? (recv_experts + gridDim.x - 1) / gridDim.x : 0;
-  const int wpe = groups > 0 && groups < nwarps ? nwarps / groups : 1;  // warps per expert
-  const int epp = nwarps / wpe, gw = warp % wpe;  // experts a block takes per pass
-  for (int g = warp / wpe; g < groups && warp / wpe < epp; g += epp) {
+  // Warps per expert: nwarps / groups rounded down to a power of two.
+  const int wsh = groups > 0 ? max(ll_log2_floor(nwarps) - ll_log2_ceil(groups), 0) : 0;
+  const int wpe = 1 << wsh;
+  const int epp = nwarps >> wsh, gw = warp & (wpe - 1);  // experts a block takes per pass
+  for (int g = warp >> wsh; g < groups && (warp >> wsh) < epp; g += epp) {
     const int j = blockIdx.x + g * gridDim.x;
     if (j >= recv_experts) break;
     // Loaded before the wait, so its round trip overlaps it (its store follows the count).
@@ -463,18 +509,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     // Few rows (small T): each row split over several of the group's warps, so
-    // a copy is one round of loads per lane instead of several.
-    const int split = !weighted && total > 0 && total < wpe ? wpe / total : 1;
-    for (int wi = gw; wi < total * split; wi += wpe) {
-      const int row = wi / split, part = wi % split;
+    // a copy is one round of loads per lane instead of several. split is
+    // wpe / total rounded down to a power of two: shifts below, not divisions.
+    const int ssh = !weighted && total > 0 && total < wpe ? wsh - ll_log2_ceil(total) : 0;
+    const int split = 1 << ssh;
+    for (int wi = gw; wi < total << ssh; wi += wpe) {
+      const int row = wi >> ssh, part = wi & (split - 1);
       // Source rank of the row: how many ranks' blocks end at or before it.
       const int r = __popc(__ballot_sync(0xffffffffu, incl[0] <= row)) +
                     __popc(__ballot_sync(0xffffffffu, incl[1] <= row));
       const int base = __shfl_sync(0xffffffffu, r < 32 ? incl[0] - cnt[0] : incl[1] - cnt[1], r & 31);
       const char* src = s.local + L.dispatch_slot(half, j, r, row - base, R, M);
-      const int tok = __ldcg(reinterpret_cast<const int*>(src));
-      const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
-      if (weighted) {
+      if (!weighted) {
+        copy_row(src, int64_t(j) * R * M + row, part, ssh, &trs);
+        continue;
+      }
+      {
+        const int tok = __ldcg(reinterpret_cast<const int*>(src));
+        const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
         // The forward handle's row for (r, tok); a token that handle lacks is skipped.
         const int mr = tok >= 0 && tok < M ? a.row_map[(int64_t(j) * R + r) * M + tok] : -1;
         if (mr < 0 || mr >= R * M) continue;
@@ -493,40 +545,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           d[c] = o;
         }
-        continue;
-      }
-      const int64_t out_row = int64_t(j) * R * M + row;
-      const int nv = kFp8 ? H / 16 : H / 8, per = (nv + split - 1) / split;
-      const int c0 = part * per, n = min(per, nv - c0);
-      // src_info is stored once the row's loads are in flight (ll_warp_copy_late):
-      // a store before them would hold them back until tok arrived.
-      // (Part 0 always has vectors: n > 0 there.)
-      auto dst_at = [&](uint4* d) {
-        return [&, d]() {
-          ll_probe_after(s.state, 11, tok);  // the row's token id arrived (its loads in flight)
-          ll_probe_seg_after(s.state, 14, &trs, tok);  // -> token id in
-          if (lane == 0 && part == 0) a.src_info[out_row] = tok;
-          return d + c0;
-        };
-      };
-      if (kFp8) {
-        uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H);
-        // The scales (H / 128 <= 64: two a lane) load with the row, not after it.
-        const bool last = part == split - 1;
-        const float* sc = reinterpret_cast<const float*>(src + kLlHeaderBytes + H);
-        const int ns = H / kLlFp8Block;
-        float s0 = 0.f, s1 = 0.f;
-        if (last && lane < ns) s0 = __ldcg(sc + lane);
-        if (last && lane + 32 < ns) s1 = __ldcg(sc + lane + 32);
-        if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
-        if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
-        if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
-        ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
-        ll_probe_seg(s.state, 15, &trs);  // -> row stores issued
-      } else {
-        uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
-        if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
-        ll_probe_at(s.state, 7);
       }
     }
   }
