@@ -20,6 +20,7 @@ import torch
 
 REPS = 20  # copies per event pair
 
+
 def time_copy(nbytes, iters):
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)

@@ -524,27 +524,26 @@ __global__ void __launch_bounds__(kThreads, 1)
         copy_row(src, int64_t(j) * R * M + row, part, ssh, &trs);
         continue;
       }
-      {
-        const int tok = __ldcg(reinterpret_cast<const int*>(src));
-        const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
-        // The forward handle's row for (r, tok); a token that handle lacks is skipped.
-        const int mr = tok >= 0 && tok < M ? a.row_map[(int64_t(j) * R + r) * M + tok] : -1;
-        if (mr < 0 || mr >= R * M) continue;
-        const float w = __ldcg(reinterpret_cast<const float*>(src + 8));
-        uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) +
-                                            (int64_t(j) * R * M + mr) * H * 2);
-        for (int c = lane; c < H / 8; c += 32) {
-          const uint4 v = __ldcg(body + c);
-          const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
-          uint4 o;
-          __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+      // Weighted (combine's backward): the row scaled by its header's weight.
+      const int tok = __ldcg(reinterpret_cast<const int*>(src));
+      const uint4* body = reinterpret_cast<const uint4*>(src + kLlHeaderBytes);
+      // The forward handle's row for (r, tok); a token that handle lacks is skipped.
+      const int mr = tok >= 0 && tok < M ? a.row_map[(int64_t(j) * R + r) * M + tok] : -1;
+      if (mr < 0 || mr >= R * M) continue;
+      const float w = __ldcg(reinterpret_cast<const float*>(src + 8));
+      uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) +
+                                          (int64_t(j) * R * M + mr) * H * 2);
+      for (int c = lane; c < H / 8; c += 32) {
+        const uint4 v = __ldcg(body + c);
+        const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+        uint4 o;
+        __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 f = __bfloat1622float2(h2[i]);
-            o2[i] = __floats2bfloat162_rn(__fmul_rn(f.x, w), __fmul_rn(f.y, w));
-          }
-          d[c] = o;
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = __bfloat1622float2(h2[i]);
+          o2[i] = __floats2bfloat162_rn(__fmul_rn(f.x, w), __fmul_rn(f.y, w));
         }
+        d[c] = o;
       }
     }
   }

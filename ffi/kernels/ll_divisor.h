@@ -10,11 +10,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define JMEP_DIV_HD __host__ __device__ __forceinline__
-#else
-#define JMEP_DIV_HD inline
-#endif
+#include "kernels/ll_hd.h"
 
 namespace jmep {
 
@@ -31,7 +27,7 @@ struct LlDivisor {
     return {static_cast<uint32_t>(m), l, d};
   }
   // 0 <= n < 2^31.
-  JMEP_DIV_HD int32_t div(int32_t n) const {
+  JMEP_HD int32_t div(int32_t n) const {
     const uint32_t u = static_cast<uint32_t>(n);
 #if defined(__CUDA_ARCH__)
     const uint32_t hi = __umulhi(u, mul);
@@ -40,7 +36,7 @@ struct LlDivisor {
 #endif
     return static_cast<int32_t>((hi + u) >> shift);
   }
-  JMEP_DIV_HD int32_t mod(int32_t n) const { return n - div(n) * d; }
+  JMEP_HD int32_t mod(int32_t n) const { return n - div(n) * d; }
 };
 
 #if defined(__CUDACC__)

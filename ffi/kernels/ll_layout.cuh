@@ -11,13 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/ll_hd.h"
 #include "kernels/ll_limits.h"
-
-#if defined(__CUDACC__)
-#define JMEP_HD __host__ __device__ __forceinline__
-#else
-#define JMEP_HD inline
-#endif
 
 namespace jmep {
 
