@@ -92,4 +92,5 @@ fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
 # `run` brings back only a limited number of files: the rank and sanitizer logs travel as one archive.
-(cd "$OUT" && ls -d workers san_* 2>/dev/null | xargs -r tar -czf logs.tgz && ls -d workers san_* 2>/dev/null | xargs -r rm -rf)
+# (nullglob: no san_* is not an error, so the script's status is the runs'.)
+(cd "$OUT" && shopt -s nullglob && logs=(workers san_*) && if ((${#logs[@]})); then tar -czf logs.tgz "${logs[@]}" && rm -rf "${logs[@]}"; fi)
