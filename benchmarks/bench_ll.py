@@ -136,12 +136,12 @@ def add_one_gpu_args(ap, tokens="1,128"):
     ap.add_argument("--out", default="", help="write OUT.json")
 
 
-def one_gpu_buffer(script, a, routing="random"):
+def one_gpu_buffer(script, a, routing="random", timeout_s=10.0):
     """one_gpu_setup for add_one_gpu_args' options, plus a Buffer of that shape:
     (gpu, mesh, host (x, idx, w), y, buf, (M, H, K, E))."""
     m, h, k, e = map(int, a.shape.split(","))
     gpu, mesh, host, y = one_gpu_setup(script, m, h, k, e, routing)
-    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=10.0)
+    buf = ep.Buffer(ep.EPConfig(e, m, h), mesh=mesh, timeout_s=timeout_s)
     return gpu, mesh, host, y, buf, (m, h, k, e)
 
 

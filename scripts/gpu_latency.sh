@@ -3,12 +3,14 @@
 # `git archive -o .whl/base.tar REV` + .whl/base.commit) and this tree, each also with
 # the phase probes compiled in, then on the same GPU: bench_latency (CUPTI medians +
 # %globaltimer, T sweep), phase_probes at T = 1 and 128, ncu at T = 1 and 128.
-#   STAGES="build test bench probes ncu" (default all; "build" builds what the others
-#   need); ARCHS (default 90-real). "new" is installed for the tests too.
+#   STAGES="build test bench probes ncu dram" (default all but dram; "build" builds
+#   what the others need, in parallel); ARCHS (default 90-real); PASSES=2 benches
+#   twice, the second pass in the opposite order. "new" is installed for the tests too.
 #   OLDER="start" also benchmarks .whl/start.tar (+ .whl/start.commit), e.g. the
 #   commit before the issue's work, as label "start".
-#   VARIANTS="r12:-DJMEP_LL_COPY_ROUND=12 ..." also builds this tree with those CUDA
-#   flags as variant new-r12 (benchmarked after "new", label after-r12).
+#   VARIANTS="r12:-DJMEP_LL_COPY_ROUND=12 ..." also builds this tree with those nvcc
+#   flags (comma-separated) as variant new-r12 (benchmarked after "new", label
+#   after-r12). TEST_V / SAN_V / NCU_V pick the builds the tests, sanitizer and ncu use.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
@@ -24,23 +26,30 @@ if [[ $STAGES == *build* ]]; then
     rm -rf /tmp/$b && mkdir -p /tmp/$b && tar -xf .whl/$b.tar -C /tmp/$b
     echo "$b: $(cat .whl/$b.commit 2>/dev/null)"
   done
-  want="new"; [[ $STAGES == *bench* || $STAGES == *ncu* ]] && want="$want base ${OLDER:-}"
+  want="new"; [[ $STAGES == *bench* || $STAGES == *ncu* || $STAGES == *dram* ]] && want="$want base ${OLDER:-}"
   [[ $STAGES == *probes* ]] && want="$want base-probes new-probes"
   for vf in ${VARIANTS:-}; do want="$want new-${vf%%:*}"; done
+  # Each build from its own copy of its sources, all at once (16 cores; one build
+  # alone leaves most idle), its log in $OUT/build_<v>.txt.
   for v in $want; do
-    src=$REPO; [[ $v != new* ]] && src=/tmp/${v%-probes}
-    flags=""; [[ $v == *probes ]] && flags="-DCMAKE_CUDA_FLAGS=-DJMEP_LL_PROBES"
-    for vf in ${VARIANTS:-}; do [[ $v == new-${vf%%:*} ]] && flags="-DCMAKE_CUDA_FLAGS=${vf#*:}"; done
+    orig=$REPO; [[ $v != new* ]] && orig=/tmp/${v%-probes}
+    src=/tmp/src-$v; rm -rf "$src" && mkdir -p "$src"
+    (cd "$orig" && tar --exclude=./.whl --exclude=./build --exclude=./.git -cf - .) | tar -xf - -C "$src"
+    # nvcc reads NVCC_APPEND_FLAGS on every call: a variant's flags reach each .cu file.
+    flags=""; [[ $v == *probes ]] && flags="-DJMEP_LL_PROBES"
+    for vf in ${VARIANTS:-}; do [[ $v == new-${vf%%:*} ]] && flags="${vf#*:}" && flags=${flags//,/ }; done
     target=""; [[ $v != new ]] && { rm -rf "$(site $v)"; target="--target $(site $v)"; }
-    rm -rf "$src/build"
-    (cd "$src" && CMAKE_ARGS="$flags" python3 -m pip install --no-build-isolation --no-deps -q \
-      $target . 2>&1 | grep -v "^WARNING" | tail -5)
-    echo "== $(date -u +%T) built $v"
+    (cd "$src" && NVCC_APPEND_FLAGS="$flags" python3 -m pip install --no-build-isolation --no-deps -q \
+      $target . > "$OUT/build_$v.txt" 2>&1; echo "== $(date -u +%T) built $v: exit $?") &
   done
+  wait
+  for v in $want; do grep -v "^WARNING" "$OUT/build_$v.txt" | tail -3; done
 fi
 if [[ $STAGES == *test* ]]; then
   echo "== $(date -u +%T) LL tests on one GPU: ${TESTK:=one_gpu_one_rank or two_processes_one_gpu}"
-  JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=240 timeout ${LL_TIMEOUT:-300} pytest -q -rA \
+  # TEST_V: the build the tests import (default new, the installed one).
+  PYTHONPATH=$(site ${TEST_V:-new}) JMEP_LL_LOG_DIR=$OUT/workers JMEP_LL_TEST_TIMEOUT=240 \
+    timeout ${LL_TIMEOUT:-300} pytest -q -rA \
     -p no:cacheprovider -m "not slow" -k "$TESTK" tests/test_ll_gpu.py > "$OUT/ll_tests.txt" 2>&1
   grep -hE "FAIL|passed|failed|Error" "$OUT/ll_tests.txt" | grep -v "^  File" | head -40
 fi
@@ -62,11 +71,17 @@ if [[ $STAGES == *sanitize* ]]; then
   done
 fi
 if [[ $STAGES == *bench* ]]; then
-  for v in ${OLDER:-} base new $(for vf in ${VARIANTS:-}; do echo new-${vf%%:*}; done); do
-    echo "== $(date -u +%T) bench_latency: $v"
-    label=before; [[ $v == new* ]] && label=after${v#new}; [[ $v == start ]] && label=start
-    (cd /tmp && PYTHONPATH=$(site $v) timeout 280 python3 "$REPO/benchmarks/bench_latency.py" \
-      --label $label --out "$OUT/latency_$label" 2>&1 | tail -12)
+  # PASSES=2: a second pass in the opposite order (files latency_<label>_p2).
+  order="${OLDER:-} base new $(for vf in ${VARIANTS:-}; do echo new-${vf%%:*}; done)"
+  for pass in $(seq 1 ${PASSES:-1}); do
+    for v in $order; do
+      echo "== $(date -u +%T) bench_latency: $v (pass $pass)"
+      label=before; [[ $v == new* ]] && label=after${v#new}; [[ $v == start ]] && label=start
+      sfx=""; ((pass > 1)) && sfx=_p$pass
+      (cd /tmp && PYTHONPATH=$(site $v) timeout 280 python3 "$REPO/benchmarks/bench_latency.py" \
+        --label $label --out "$OUT/latency_$label$sfx" 2>&1 | tail -12)
+    done
+    order=$(echo $order | tr ' ' '\n' | tac | tr '\n' ' ')
   done
 fi
 if [[ $STAGES == *probes* ]]; then
@@ -89,8 +104,26 @@ if [[ $STAGES == *ncu* ]]; then
     done
   done
 fi
+if [[ $STAGES == *dram* ]]; then
+  # DRAM bytes and L2 hit rate per kernel in the step loop, the L2 as the previous
+  # kernel left it: no flush, and application replay (these metrics take several
+  # passes; kernel replay would run passes 2.. after ncu's own save/restore).
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for v in ${NCU_V:-base new}; do
+    for t in ${DRAM_T:-1 128}; do
+      for dt in "" --bf16; do
+        echo "== $(date -u +%T) ncu dram: $v T=$t $dt"
+        (cd /tmp && PYTHONPATH=$(site $v) timeout 150 "$NCU" -k regex:ll_ --launch-skip 16 \
+          --launch-count 4 --replay-mode application --cache-control none --clock-control none --metrics \
+          gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+          python3 "$REPO/benchmarks/ncu_ll.py" --tokens $t $dt > "$OUT/dram_${v}_T$t$dt.txt" 2>&1)
+        grep -E "ll_(dispatch|combine)_kernel|gpu__time|dram__bytes|lts__t_sector" "$OUT/dram_${v}_T$t$dt.txt" | head -24
+      done
+    done
+  done
+fi
 echo "== $(date -u +%T) done"
 } 2>&1 | tee "$OUT/log.txt"
-# `run` brings back only a limited number of files: the rank and sanitizer logs travel as one archive.
-# (nullglob: no san_* is not an error, so the script's status is the runs'.)
-(cd "$OUT" && shopt -s nullglob && logs=(workers san_*) && if ((${#logs[@]})); then tar -czf logs.tgz "${logs[@]}" && rm -rf "${logs[@]}"; fi)
+# `run` brings back only a few files: everything but log.txt travels as one archive.
+(cd "$OUT" && tar -czf /tmp/gpu_latency_all.tgz --exclude=./log.txt . &&
+  find . -mindepth 1 -maxdepth 1 ! -name log.txt -exec rm -rf {} + && mv /tmp/gpu_latency_all.tgz all.tgz)

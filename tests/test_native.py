@@ -29,6 +29,19 @@ def test_size_hint_matches_native_layout():
         assert native.ext.ll_size_hint(m, h, r, e) == ep.size_hint(m, h, r, e)
 
 
+def test_ll_grid_leaves_port_peers_an_sm():
+    """One block per SM up to the cap; with a port peer one SM stays free for the
+    proxy's work on the GPU (the LL kernels spin on what it delivers)."""
+    if not ep.cuda_enabled() or not hasattr(native.ext, "ll_grid_blocks"):
+        pytest.skip("no CUDA build with the LL kernels")
+    grid = native.ext.ll_grid_blocks
+    for sms in (1, 2, 108, 114, 132, 148):  # e.g. A100, H100 PCIe, H100 SXM / H200, B200
+        assert grid(sms, False) == sms
+        assert grid(sms, True) == max(sms - 1, 1)
+    # kLlMaxBlocks: each block keeps its own seq word in the device state.
+    assert grid(300, False) == 256 and grid(300, True) == 255
+
+
 DEFAULT_ARCHS = "80-real,90-real,100-real,120-real,120-virtual"
 
 

@@ -18,6 +18,7 @@
 #include "handlers/ll_registry.h"
 #include "handlers/ll_targets.h"
 #include "kernels/ll_divisor.h"
+#include "kernels/ll_grid.h"
 
 namespace nb = nanobind;
 
@@ -37,6 +38,8 @@ void bind_ll(nb::module_& m) {
       },
       nb::arg("divisor"), nb::arg("numerators"),
       "(n / d, n % d) for each n by the kernels' LlDivisor (tests; d >= 1, 0 <= n < 2**31).");
+  m.def("ll_grid_blocks", &ll_grid_blocks, nb::arg("sms"), nb::arg("any_port"),
+        "Blocks an LL kernel launches with on a GPU of `sms` SMs (tests; ffi/kernels/ll_grid.h).");
   m.def("ll_register_p2p", &ll_register_p2p, nb::arg("buffer_id"), nb::arg("devices"),
         nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("num_experts"), nb::arg("timeout_s"),
         "Fallback without communicators: one process, direct CUDA peer access.");

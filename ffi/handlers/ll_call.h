@@ -99,6 +99,24 @@ inline void ll_launch(const LlCombineArgs& a, int blocks, cudaStream_t st) {
   ll_launch_combine(a, blocks, st);
 }
 
+// Whether a call's receive drops its consumed slots from the L2 (ll_discard.cuh),
+// from static shapes; decided here, so the kernel reads one flag beside its
+// other per-call fields. Both kernels of a step decide alike, on the step's
+// bf16 rows (T x K rows of 2H bytes: combine's payload, dispatch's in bf16):
+// dispatch's discards pay off in the combine after it, so gating an fp8
+// dispatch on its own smaller payload left them off where they help (H200,
+// T = 128: combine after fp8 15.3 us with its own discards only, 14.5 with
+// dispatch's too; ll_latency_discard_h200x1.md).
+inline bool ll_step_discards(int64_t tokens, int64_t topk, int64_t hidden, int64_t min_bytes) {
+  return tokens * topk * 2 * hidden >= min_bytes;
+}
+inline bool ll_discards(const LlDispatchArgs& a, int64_t min_bytes) {
+  return ll_step_discards(a.num_tokens, a.topk, a.s.hidden, min_bytes);
+}
+inline bool ll_discards(const LlCombineArgs& a, int64_t min_bytes) {
+  return !a.per_slot && ll_step_discards(a.num_tokens, a.topk, a.s.hidden, min_bytes);
+}
+
 // The one body of every handler: `fill(args)` checks the handler's buffers and
 // sets its fields of Args (a.s already holds the Buffer's static state).
 template <typename Args, typename Fill>
@@ -108,6 +126,7 @@ ffi::Error ll_call(cudaStream_t stream, int32_t device, const LlAttrs& at, Fill&
   Args a{};
   a.s = e->st;
   if (auto err = fill(a); err.failure()) return err;
+  a.discard = ll_discards(a, e->discard_bytes);
   // XLA normally has the stream's device current already; make sure of it,
   // since a launch on another device's stream fails.
   int cur = -1;

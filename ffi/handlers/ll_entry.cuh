@@ -26,6 +26,7 @@ struct LlEntry {
   LlStatic st{};                       // copied into every launch
   int device = 0;
   int num_blocks = 0;
+  int64_t discard_bytes = 0;  // a receive of at least this payload discards its slots (ll_discard.cuh)
   void* dev_mem = nullptr;             // LlDeviceState + slot[2][E] + peers[R]
   // First device-side error seen (timeout, FIFO stall): once set, the LL state
   // (halves, counters) is undefined, so every later call fails with it.
@@ -54,12 +55,13 @@ std::shared_ptr<LlEntry> ll_find(int64_t buffer_id, int device);
 
 // Allocates and zeroes the device state of `e` (on e.device, which must be
 // current), zeroes both halves' signal words of `buffer`, and fills e.st.
-// peers_host: the peer table to copy, or null when a kernel fills it later.
+// peers_host: the peer table to copy, or null when a kernel fills it later;
+// any_port: whether a peer is a port peer (the grid, ll_grid_blocks).
 // Returns the device address of the peer table.
 LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
                       int64_t max_tokens, int64_t hidden, int64_t num_experts,
                       ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
-                      const LlPeer* peers_host);
+                      const LlPeer* peers_host, bool any_port);
 // Copies the peer table into the kernels' by-value copy (LlStatic::peer_base).
 void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks);
 // The entry, or a runtime_error naming the Buffer (closed, or never here).

@@ -83,7 +83,7 @@ void ll_register_p2p(int64_t buffer_id, const std::vector<int>& devices, int64_t
       ll_cuda_check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), group->errors[i], 0),
                     "cudaHostGetDevicePointer");
       ll_init_state(*e, layout, group->buffers[i], i, R, max_tokens, hidden, num_experts, nullptr,
-                    err_dev, timeout_ns, peers.data());
+                    err_dev, timeout_ns, peers.data(), /*any_port=*/false);
       ll_cuda_check(cudaDeviceSynchronize(), "LL registration");
       ll_insert(buffer_id, std::move(e));
     }

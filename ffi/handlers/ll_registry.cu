@@ -101,13 +101,15 @@ void ll_set_peer_table(LlStatic& s, const LlPeer* peers, int nranks) {
 LlPeer* ll_init_state(LlEntry& e, const LlLayout& layout, char* buffer, int rank, int nranks,
                       int64_t max_tokens, int64_t hidden, int64_t num_experts,
                       ChannelDeviceHandle* handles, ErrorRecord* error, int64_t timeout_ns,
-                      const LlPeer* peers_host) {
+                      const LlPeer* peers_host, bool any_port) {
   int sms = 0;
   ll_cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, e.device), "SM count");
+  int l2 = 0;
+  ll_cuda_check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, e.device), "L2 size");
   ll_cuda_check(ll_preload_dispatch(), "load dispatch kernel");
   ll_cuda_check(ll_preload_combine(), "load combine kernel");
-  // One block per SM: every block co-resident (they wait on each other).
-  e.num_blocks = sms < kLlMaxBlocks ? sms : kLlMaxBlocks;
+  e.num_blocks = ll_grid_blocks(sms, any_port);
+  e.discard_bytes = ll_discard_bytes(l2);
   const size_t state_bytes = sizeof(LlDeviceState) + 2 * sizeof(int32_t) * num_experts;
   const size_t peers_off = (state_bytes + 15) / 16 * 16;
   const size_t bytes = peers_off + sizeof(LlPeer) * nranks;
@@ -201,13 +203,15 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
     throw std::invalid_argument("communicator buffer has " + std::to_string(comm->buffer_bytes()) +
                                 " bytes, the LL layout needs " +
                                 std::to_string(layout.total_bytes()));
+  bool any_port = false;
+  for (int p = 0; p < R; ++p) any_port |= comm->channel_kind(p) == kLlPort;
   auto e = std::make_shared<LlEntry>();
   e->comm = comm;
   e->device = comm->device();
   LlDeviceGuard g(e->device);
   LlPeer* peers = ll_init_state(*e, layout, comm->buffer(), comm->rank(), R, max_tokens, hidden,
                                 num_experts, comm->device_handles(), comm->error_record_device(),
-                                comm->timeout_ns(), nullptr);
+                                comm->timeout_ns(), nullptr, any_port);
   ll_launch_peers_init(comm->device_handles(), comm->buffer(), peers, R, nullptr);
   ll_cuda_check(cudaGetLastError(), "peer table kernel");
   {  // the kernels take the table by value (LlStatic::peer_base)
@@ -219,17 +223,7 @@ void ll_register(int64_t buffer_id, std::shared_ptr<Communicator> comm, int64_t 
   // With CUDA lazy loading, the first launch of the proxy's one-thread atomic
   // kernel would load its module while an LL kernel spins waiting for that
   // very atomic (a module load can wait for running kernels): load it now.
-  bool any_port = false;
-  for (int p = 0; p < R; ++p) any_port |= comm->channel_kind(p) == kLlPort;
   if (any_port) {
-    // A port signal lands through work the proxy enqueues on this GPU (a
-    // one-thread kernel for an add, over CUDA IPC or for a signal that arrived
-    // over UCX; the IPC copies too may take SMs). The LL kernels spin waiting
-    // for exactly those signals, and a launch of ours fills every SM (one block
-    // each, up to the whole register file): leave SMs free so they always run.
-    // Without it two processes on one GPU time out as soon as every block waits
-    // (tokens_beyond_the_grid: more tokens than SMs).
-    e->num_blocks = e->num_blocks > kLlPortSpareSms ? e->num_blocks - kLlPortSpareSms : 1;
     uint64_t* w = comm->warmup_words();  // its own words: the test scratch stays the tests'
     ll_cuda_check(proxy_launch_add(w, 0, nullptr), "proxy kernel warm-up");
     ll_cuda_check(proxy_launch_store(w + 1, 0, nullptr), "proxy kernel warm-up");
@@ -270,10 +264,6 @@ std::string ll_failure(LlEntry& e) {
     e.failure = e.comm->proxy_error();
   return e.failure;
 }
-
-namespace {
-
-}  // namespace
 
 std::shared_ptr<LlEntry> ll_find_or_throw(int64_t buffer_id, int device) {
   if (auto e = ll_find(buffer_id, device)) return e;

@@ -8,7 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/ll_discard.cuh"
 #include "kernels/ll_divisor.h"
+#include "kernels/ll_grid.h"
 #include "kernels/ll_layout.cuh"
 #include "kernels/ll_peer.cuh"
 
@@ -22,16 +24,6 @@ namespace jmep {
 // between two of its own points, the most any warp spent.
 constexpr int kLlProbes = 20;
 constexpr int kLlProbeStart = 12, kLlProbeSeg0 = 13;
-
-// The most blocks an LL kernel is launched with (the registry caps the grid):
-// each block keeps its own copy of the call's seq (LlDeviceState::seq).
-constexpr int kLlMaxBlocks = 256;
-// SMs a launch leaves free when a peer is a port peer (ll_register says why).
-// -DJMEP_LL_PORT_SPARE_SMS=0: the grid covers every SM whatever the peers.
-#ifndef JMEP_LL_PORT_SPARE_SMS
-#define JMEP_LL_PORT_SPARE_SMS 1
-#endif
-constexpr int kLlPortSpareSms = JMEP_LL_PORT_SPARE_SMS;
 
 // One call's %globaltimer marks: start (block 0), end of the send phase and of
 // the call (max over blocks). Two records, by seq parity: a call writes its
@@ -128,6 +120,7 @@ struct LlDispatchArgs {
   int32_t num_tokens, topk;
   int32_t phases;  // kLlPhaseSend | kLlPhaseRecv: split halves run one each
   bool idx64, use_fp8, round_scale;
+  bool discard;  // the receive drops its slots from the L2 once copied (ll_discard.cuh)
   // Weighted mode (combine's backward, bf16 only): each (token, expert) message
   // carries the sum of that expert's slot weights in its header, the receiver
   // scales the row by it and stores it at row_map's row, zeroes the rest of
@@ -152,6 +145,7 @@ struct LlCombineArgs {
   // Per-slot mode (combine's backward w.r.t. topk_weights): out is [T, K, H],
   // slot k's row copied unreduced (zeros for masked slots); weights unused.
   bool per_slot;
+  bool discard;  // the reduce drops its slots from the L2 once read (ll_discard.cuh)
   LlStatic s;
 };
 
@@ -163,13 +157,15 @@ struct LlCombineArgs {
 // that might alias it.) dst() is asked for the destination once the first round's
 // loads are in flight, so a load it needs (e.g. the row's token id) overlaps
 // them; null means "store nothing". kCacheGlobal: the source was written by
-// peers during this kernel (skip L1); else read-only.
+// peers during this kernel (skip L1); else read-only. discard_src (warp-uniform):
+// the source lines are dead once copied (ll_discard.cuh says when).
 #ifndef JMEP_LL_COPY_ROUND
 #define JMEP_LL_COPY_ROUND 8  // 16 and 12 were no faster on the H200 (and spill in dispatch)
 #endif
 constexpr int kLlCopyRound = JMEP_LL_COPY_ROUND;
 template <bool kCacheGlobal, typename Dst>
-__device__ __forceinline__ void ll_warp_copy_late(const uint4* src, int n, int lane, Dst dst) {
+__device__ __forceinline__ void ll_warp_copy_late(const uint4* src, int n, int lane, Dst dst,
+                                                  bool discard_src = false) {
   uint4* d = nullptr;
   for (int b = 0; b < n; b += 32 * kLlCopyRound) {
     uint4 v[kLlCopyRound];
@@ -186,6 +182,8 @@ __device__ __forceinline__ void ll_warp_copy_late(const uint4* src, int n, int l
       if (c < n) d[c] = v[u];
     }
   }
+  // After the last round, not each: the stores used every load (they have returned).
+  if (discard_src && d != nullptr) ll_warp_discard(src, src + n, lane);
 }
 
 template <bool kCacheGlobal>

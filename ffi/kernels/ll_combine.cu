@@ -37,9 +37,11 @@ __device__ __forceinline__ int ll_reduce_split(int tokens, int grid) {
   return ll_split_shift(tokens, grid, ll_log2_floor(JMEP_LL_MAX_REDUCE_SPLIT));
 }
 
-// One instance per mode (reduce; per-slot copy for the backward): each carries
-// only its own receive path (code size is latency at small T: ll_dispatch.cu).
-template <bool kPerSlot>
+// One instance per mode (reduce; per-slot copy for the backward; the reduce
+// that discards its slots, ll_discard.cuh): each carries only its own receive
+// path (code size is latency at small T: ll_dispatch.cu; with the discards
+// compiled in but not taken, T = 1 combine took 0.5 us longer on the H200).
+template <bool kPerSlot, bool kDiscard>
 __global__ void __launch_bounds__(kThreads, 1)
     ll_combine_kernel(const __grid_constant__ LlCombineArgs a) {
   const LlStatic& s = a.s;
@@ -202,6 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ---------------------------------------------------------------- receive + reduce
   // Unit u: vectors [lo, hi) of token u / RG's output (RG == 1: the whole row).
   const int units = recv_tokens << rsh, per = (nvec + RG - 1) >> rsh;
+  constexpr bool discard = kLlDiscardCombine && kDiscard;  // slots dropped from the L2 once read
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
     const int t = u >> rsh, lo = (u & (RG - 1)) * per, hi = min(nvec, lo + per);
     long long tr = ll_probe_clock();
@@ -238,8 +241,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(a.out) + int64_t(t) * row_bytes);
     // Two columns a thread (c0 and c0 + blockDim.x: a 7168-channel row is 896
     // vectors) and eight slots at a time: sixteen loads issued together, then
-    // added in slot order, one memory latency per round.
-    for (int c0 = lo + tid; c0 < hi; c0 += 2 * blockDim.x) {
+    // added in slot order, one memory latency per round. The loop is
+    // warp-uniform (a lane past hi loads nothing) for the discards' __syncwarp.
+    for (int c0 = lo + tid; c0 - (discard ? lane : 0) < hi; c0 += 2 * blockDim.x) {
       const int c1 = c0 + blockDim.x;
       float acc[2][8];
 #pragma unroll
@@ -251,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int e = k0 + u < K ? s_exp[k0 + u] : -1;
           const uint4* row =
               reinterpret_cast<const uint4*>(s.local + L.combine_slot(half, e < 0 ? 0 : e, t, M));
-          v[0][u] = e < 0 ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c0);
+          v[0][u] = e < 0 || (discard && c0 >= hi) ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c0);
           v[1][u] = e < 0 || c1 >= hi ? make_uint4(0u, 0u, 0u, 0u) : __ldcg(row + c1);
         }
         if (warp == 0 && k0 == 0 && c0 == lo + tid)
@@ -268,6 +272,23 @@ __global__ void __launch_bounds__(kThreads, 1)
               const float2 f = __bfloat1622float2(h2[i]);
               acc[h][2 * i] = __fadd_rn(acc[h][2 * i], __fmul_rn(f.x, w));
               acc[h][2 * i + 1] = __fadd_rn(acc[h][2 * i + 1], __fmul_rn(f.y, w));
+            }
+          }
+        }
+        // The round's slot lines are dead (ll_discard.cuh): the adds used every
+        // load. Lanes l..l+7 read a 128-aligned line starting at lane l's vector.
+        if constexpr (discard) {
+          __syncwarp();
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            const int e = k0 + u < K ? s_exp[k0 + u] : -1;
+            if (e < 0) continue;
+            const uint4* row = reinterpret_cast<const uint4*>(s.local + L.combine_slot(half, e, t, M));
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int c = h == 0 ? c0 : c1;
+              if (lane <= 24 && c + 7 < hi && (reinterpret_cast<uintptr_t>(row + c) & 127) == 0)
+                ll_discard_line(row + c);
             }
           }
         }
@@ -316,16 +337,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 cudaError_t ll_preload_combine() {
   cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, ll_combine_kernel<false>);
-  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_combine_kernel<true>);
+  cudaError_t e = cudaFuncGetAttributes(&attr, ll_combine_kernel<false, false>);
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_combine_kernel<true, false>);
+#if JMEP_LL_DISCARD & 2  // the discarding instance exists only in a build with combine discards
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, ll_combine_kernel<false, true>);
+#endif
   return e;
 }
 
 void ll_launch_combine(const LlCombineArgs& a, int num_blocks, cudaStream_t stream) {
-  if (a.per_slot)
-    ll_combine_kernel<true><<<num_blocks, kThreads, 0, stream>>>(a);
-  else
-    ll_combine_kernel<false><<<num_blocks, kThreads, 0, stream>>>(a);
+  if (a.per_slot) {
+    ll_combine_kernel<true, false><<<num_blocks, kThreads, 0, stream>>>(a);
+    return;
+  }
+#if JMEP_LL_DISCARD & 2
+  if (a.discard) {
+    ll_combine_kernel<false, true><<<num_blocks, kThreads, 0, stream>>>(a);
+    return;
+  }
+#endif
+  ll_combine_kernel<false, false><<<num_blocks, kThreads, 0, stream>>>(a);
 }
 
 }  // namespace jmep

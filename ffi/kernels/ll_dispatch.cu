@@ -393,6 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (a.phases & kLlPhaseSend) ll_mark_send_end(s.state, seq);
   ll_probe(s.state, 2);  // counts published
 
+  const bool discard = kLlDiscardDispatch && a.discard;  // slots dropped from the L2 once copied
   // Part `part` of 1 << ssh of the message at src, to output row out_row (and
   // its token id to src_info, its scales with the last part).
   auto copy_row = [&](const char* src, int64_t out_row, int part, int ssh, long long* trs) {
@@ -420,14 +421,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       float s0 = 0.f, s1 = 0.f;
       if (last && lane < ns) s0 = __ldcg(sc + lane);
       if (last && lane + 32 < ns) s1 = __ldcg(sc + lane + 32);
-      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
+      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d), discard);
       if (last && lane < ns) a.recv_scales[out_row * ns + lane] = s0;
       if (last && lane + 32 < ns) a.recv_scales[out_row * ns + lane + 32] = s1;
       ll_probe_at(s.state, 7);  // a row's part copied (its stores issued)
       ll_probe_seg(s.state, 15, trs);  // -> row stores issued
     } else {
       uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.recv_x) + out_row * H * 2);
-      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d));
+      if (n > 0) ll_warp_copy_late<true>(body + c0, n, lane, dst_at(d), discard);
       ll_probe_at(s.state, 7);
     }
   };
