@@ -26,7 +26,7 @@ struct LlEntry {
   LlStatic st{};                       // copied into every launch
   int device = 0;
   int num_blocks = 0;
-  int64_t discard_bytes = 0;  // a receive of at least this payload discards its slots (ll_discard.cuh)
+  int64_t discard_bytes = 0;  // steps of at least this many bf16 row bytes discard (ll_step_discards)
   void* dev_mem = nullptr;             // LlDeviceState + slot[2][E] + peers[R]
   // First device-side error seen (timeout, FIFO stall): once set, the LL state
   // (halves, counters) is undefined, so every later call fails with it.
