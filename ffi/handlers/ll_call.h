@@ -107,14 +107,10 @@ inline void ll_launch(const LlCombineArgs& a, int blocks, cudaStream_t st) {
 // dispatch on its own smaller payload left them off where they help (H200,
 // T = 128: combine after fp8 15.3 us with its own discards only, 14.5 with
 // dispatch's too; ll_latency_discard_h200x1.md).
-inline bool ll_step_discards(int64_t tokens, int64_t topk, int64_t hidden, int64_t min_bytes) {
-  return tokens * topk * 2 * hidden >= min_bytes;
-}
-inline bool ll_discards(const LlDispatchArgs& a, int64_t min_bytes) {
-  return ll_step_discards(a.num_tokens, a.topk, a.s.hidden, min_bytes);
-}
-inline bool ll_discards(const LlCombineArgs& a, int64_t min_bytes) {
-  return !a.per_slot && ll_step_discards(a.num_tokens, a.topk, a.s.hidden, min_bytes);
+// (Combine's per-slot mode has no discarding instance: ll_launch_combine decides.)
+template <typename Args>
+inline bool ll_step_discards(const Args& a, int64_t min_bytes) {
+  return int64_t(a.num_tokens) * a.topk * 2 * a.s.hidden >= min_bytes;
 }
 
 // The one body of every handler: `fill(args)` checks the handler's buffers and
@@ -126,7 +122,7 @@ ffi::Error ll_call(cudaStream_t stream, int32_t device, const LlAttrs& at, Fill&
   Args a{};
   a.s = e->st;
   if (auto err = fill(a); err.failure()) return err;
-  a.discard = ll_discards(a, e->discard_bytes);
+  a.discard = ll_step_discards(a, e->discard_bytes);
   // XLA normally has the stream's device current already; make sure of it,
   // since a launch on another device's stream fails.
   int cur = -1;

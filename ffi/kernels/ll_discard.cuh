@@ -48,7 +48,7 @@ constexpr bool kLlDiscardDispatch = (JMEP_LL_DISCARD & 1) != 0;
 constexpr bool kLlDiscardCombine = (JMEP_LL_DISCARD & 2) != 0;
 
 // LlEntry::discard_bytes for a device with an L2 of l2_bytes. -DJMEP_LL_DISCARD_PART=n:
-// a receive discards from L2 / n bytes on (a huge n: always, as the tests' build did).
+// a step discards once its T x K bf16 rows reach L2 / n bytes (a huge n: always).
 #ifndef JMEP_LL_DISCARD_PART
 #define JMEP_LL_DISCARD_PART 6
 #endif
